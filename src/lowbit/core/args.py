@@ -1,0 +1,171 @@
+"""QuantArgs: how one tensor is quantized (format, symmetry, granularity), and named schemes.
+
+Every granularity lowers to one block-size tuple (``QuantArgs.block_size(shape)``): a block of
+elements shares one scale (and zero point). Blocks that do not divide a dimension leave a ragged
+last block; nothing is skipped or silently regrouped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+
+from lowbit.core.formats import NumberFormat, get_format
+from lowbit.core.records import from_dict, to_dict
+from lowbit.errors import ConfigError
+
+GRANULARITIES = ("tensor", "channel", "group", "token", "block")
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    format: str = "int4"
+    """int2..int8, nf4, fp4, fp8_e4m3, fp8_e5m2 (asymmetric int uses unsigned codes)."""
+    symmetric: bool = True
+    granularity: str = "group"
+    """tensor | channel (one per output row) | group | token (one per row) | block (2-D tiles)."""
+    group_size: int | None = 128
+    block_shape: tuple[int, int] | None = None
+    scale_dtype: str = "float16"
+    observer: str = "minmax"
+    """Range estimator for the scales (see ``lowbit.observers``)."""
+
+    def __post_init__(self):
+        fmt = get_format(self.format)  # raises on unknown names
+        if fmt.kind == "int" and not fmt.signed:
+            raise ConfigError(
+                f"format {self.format!r}: name the bit width as int{fmt.bits} and set "
+                "symmetric=False for unsigned codes with a zero point"
+            )
+        if not self.symmetric and fmt.kind != "int":
+            raise ConfigError(f"format {self.format} is symmetric only; set symmetric=True")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}"
+            )
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ConfigError(f"group granularity needs group_size >= 1, got {self.group_size}")
+        elif self.group_size is not None:
+            raise ConfigError(f"group_size is only valid with granularity 'group', not {self.granularity!r}")
+        if self.granularity == "block":
+            bs = self.block_shape
+            if not (isinstance(bs, tuple) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs)):
+                raise ConfigError(f"block granularity needs block_shape=(rows, cols), got {bs}")
+        elif self.block_shape is not None:
+            raise ConfigError("block_shape is only valid with granularity 'block'")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ConfigError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
+
+    @property
+    def bits(self) -> int:
+        return get_format(self.format).bits
+
+    @property
+    def code_format(self) -> NumberFormat:
+        """The format of the stored codes: unsigned integers when asymmetric."""
+        fmt = get_format(self.format)
+        if fmt.kind == "int" and not self.symmetric:
+            return get_format(f"uint{fmt.bits}")
+        return fmt
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def block_size(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+        """One block-size tuple for this granularity on a tensor of ``shape``."""
+        shape = tuple(shape)
+        n = len(shape)
+        if n == 0:
+            return ()
+        if self.granularity == "tensor":
+            return shape
+        if self.granularity in ("channel", "token"):
+            return (1,) * (n - 1) + (shape[-1],)
+        if self.granularity == "group":
+            return (1,) * (n - 1) + (self.group_size,)
+        if n < 2:
+            raise ConfigError("block granularity needs a tensor of at least 2 dimensions")
+        return (1,) * (n - 2) + self.block_shape
+
+    def name(self) -> str:
+        """Short scheme name, e.g. ``w4g128``, ``w4g128-asym``, ``w8``, ``nf4g64``."""
+        fmt = get_format(self.format)
+        head = f"w{fmt.bits}" if fmt.kind == "int" else self.format
+        if self.granularity == "group":
+            head += f"g{self.group_size}"
+        elif self.granularity == "block":
+            head += f"b{self.block_shape[0]}x{self.block_shape[1]}"
+        elif self.granularity == "tensor":
+            head += "-tensor"
+        if not self.symmetric:
+            head += "-asym"
+        if self.observer != "minmax":
+            head += f"-{self.observer}"
+        return head
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantArgs":
+        return from_dict(cls, data, "quantization scheme")
+
+    def with_(self, **changes) -> "QuantArgs":
+        return replace(self, **changes)
+
+
+# Named schemes. "wN" alone means per-channel; compressed-tensors' W4A16 is int4 group 128.
+PRESETS: dict[str, QuantArgs] = {
+    "w8a16": QuantArgs("int8", granularity="channel", group_size=None),
+    "w4a16": QuantArgs("int4", group_size=128),
+    "w4a16-asym": QuantArgs("int4", symmetric=False, group_size=128),
+    "nf4": QuantArgs("nf4", group_size=64),
+    "fp4": QuantArgs("fp4", group_size=32),
+    "fp8": QuantArgs("fp8_e4m3", granularity="channel", group_size=None),
+    "fp8_e5m2": QuantArgs("fp8_e5m2", granularity="channel", group_size=None),
+}
+
+_GRAMMAR = re.compile(
+    r"^(?:w(?P<bits>[2-8])|(?P<fmt>nf4|fp4|fp8_e4m3|fp8_e5m2|fp8))"
+    r"(?:g(?P<group>\d+)|b(?P<brow>\d+)x(?P<bcol>\d+)|(?P<tensor>-tensor))?"
+    r"(?P<asym>-asym)?(?:-(?P<observer>[a-z_]+))?$"
+)
+
+SCHEME_HELP = (
+    "a preset (" + ", ".join(PRESETS) + ") or wBITS[gGROUP][-asym][-OBSERVER], e.g. w8, w4g128, "
+    "w4g64-asym, w3g128, w2g64-asym, nf4g64, fp8, w4g128-mse"
+)
+
+
+def parse_scheme(spec: str | dict | QuantArgs) -> QuantArgs:
+    """A scheme from a preset name, the short grammar, a dict, or a QuantArgs."""
+    if isinstance(spec, QuantArgs):
+        return spec
+    if isinstance(spec, dict):
+        return QuantArgs.from_dict(spec)
+    key = spec.strip().lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    m = _GRAMMAR.match(key)
+    if not m:
+        raise ConfigError(f"unknown scheme {spec!r}: use {SCHEME_HELP}")
+    fmt = f"int{m['bits']}" if m["bits"] else ("fp8_e4m3" if m["fmt"] == "fp8" else m["fmt"])
+    fields: dict = {"format": fmt, "symmetric": m["asym"] is None}
+    if m["group"]:
+        fields.update(granularity="group", group_size=int(m["group"]))
+    elif m["brow"]:
+        fields.update(granularity="block", group_size=None, block_shape=(int(m["brow"]), int(m["bcol"])))
+    elif m["tensor"]:
+        fields.update(granularity="tensor", group_size=None)
+    elif fmt in ("nf4", "fp4"):
+        fields.update(granularity="group", group_size=PRESETS[fmt].group_size)
+    else:
+        fields.update(granularity="channel", group_size=None)
+    if m["observer"]:
+        fields["observer"] = m["observer"]
+    return QuantArgs(**fields)

@@ -1,0 +1,43 @@
+"""Round-to-nearest: each block's range from its observer (min-max by default), then round.
+
+loss: mean squared weight error ||W - Q(W)||^2 / numel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.core.args import QuantArgs
+from lowbit.core.quantize import quantize
+from lowbit.methods.base import LayerResult, Method, register_method
+
+
+def observed_quantize(weight: torch.Tensor, args: QuantArgs):
+    """Quantize with the range chosen by ``args.observer``."""
+    if args.observer == "minmax":
+        return quantize(weight, args)
+    from lowbit.observers import get_observer
+
+    observer = get_observer(args.observer, args)
+    observer.update(weight)
+    return quantize(weight, args, *observer.range())
+
+
+def weight_mse(weight: torch.Tensor, qweight) -> float:
+    return float((weight.float() - qweight.dequantize(torch.float32)).pow(2).mean())
+
+
+@register_method
+class RTN(Method):
+    name = "rtn"
+    needs = "none"
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def quantize_weight(self, weight, args, stats=None) -> LayerResult:
+        q = observed_quantize(weight, args)
+        return LayerResult(q, weight_mse(weight, q))

@@ -1,0 +1,1 @@
+"""Model loading, bundled models, tiny test models, and architecture mappings."""

@@ -1,0 +1,5 @@
+"""Inference modules that hold quantized weights."""
+
+from lowbit.nn.linear import QuantizedLinear
+
+__all__ = ["QuantizedLinear"]
