@@ -1,7 +1,7 @@
 """Bit packing of unsigned b-bit codes (1 <= b <= 8) along the last dimension.
 
 Layout (the one canonical layout; exporters and kernels repack from it): the last dimension is
-padded with zeros to a multiple of 8 codes; each run of 8 codes c0..c7 forms the little-endian
+padded with zeros (except for 8-bit codes, stored as they are) to a multiple of 8 codes; each run of 8 codes c0..c7 forms the little-endian
 bit string ``sum(c_j << (b * j))`` of ``b`` bytes. So 4-bit codes put c0 in the low nibble of
 byte 0, 2-bit codes put c0..c3 in bits 0-1, 2-3, 4-5, 6-7 of byte 0, and 3-bit codes fill
 3 bytes per 8 codes.
@@ -14,6 +14,8 @@ import torch
 
 def packed_length(n: int, bits: int) -> int:
     """Bytes used by ``n`` codes of ``bits`` bits on the last dimension."""
+    if bits == 8:
+        return n
     return -(-n // 8) * bits
 
 

@@ -112,6 +112,17 @@ class Method:
             config = from_dict(self.Config, config, f"{self.name} options")
         self.config = config
 
+    def new_stats(self, features: int, total_rows: int, device=None):
+        """An empty statistics object for one input group of ``features`` channels, to receive
+        ``total_rows`` rows in all. Input samples keep ``config.max_input_rows`` rows (4096 if
+        the method's config does not set it)."""
+        if self.needs == "hessian":
+            return HessianStats.empty(features, device)
+        if self.needs == "inputs":
+            max_rows = getattr(self.config, "max_input_rows", 4096)
+            return InputStats(max_rows=max_rows, stride=max(1, total_rows // max_rows))
+        raise ValueError(f"method {self.name} needs no statistics")
+
     def quantize_weight(self, weight: torch.Tensor, args: QuantArgs, stats: Any) -> LayerResult:
         raise NotImplementedError
 

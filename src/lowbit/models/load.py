@@ -1,0 +1,325 @@
+"""Find a model by name or path, convert GGUF once into a cached Hugging Face folder, load it.
+
+``resolve_model(spec)`` tries, in order:
+
+1. a bundled short name (``smollm2-135m``, ``gemma3-270m``; see ``lowbit.models.bundled``);
+   write ``./smollm2-135m`` for a local folder of the same name;
+2. an existing local path: a Hugging Face folder (``config.json`` + ``*.safetensors``), a
+   ``.gguf`` file, or a folder holding exactly one ``.gguf`` file and no ``config.json``;
+3. a hub id ``owner/name``, downloaded with ``huggingface_hub.snapshot_download`` (safetensors,
+   config and tokenizer files only); offline, only what the local hub cache already holds.
+
+GGUF weights are dequantized by transformers to float32, which is slow (about 35 s for SmolLM2,
+a minute for Gemma 3 on 2 cores), so each GGUF file is converted once into a plain folder
+under ``cache_root()`` (``$LOWBIT_CACHE/models``, default ``~/.cache/lowbit/models``):
+``<bundled name>`` or ``<file stem>-<hash of path, size, mtime>``. The folder is built under a
+temporary name and renamed into place when complete, with a marker file written last, so a
+crash leaves nothing that looks finished. The source folder or file is never modified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import ModelLoadError
+from lowbit.models.arch import architecture_for
+from lowbit.models.bundled import BundledModel, bundled_names, get_bundled
+
+log = logging.getLogger(__name__)
+
+MARKER = "lowbit-conversion.json"
+"""Written last into a converted folder; its presence means the conversion finished."""
+_CACHE_FORMAT = 1
+
+HUB_PATTERNS = (
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "*.model", "vocab.*",
+    "merges.txt", "*.tiktoken", "chat_template.*",
+)
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a resolved model lives: a plain Hugging Face safetensors folder."""
+
+    name: str
+    folder: Path
+    model_type: str
+    note: str = ""
+    """What a user should know about the weights (e.g. they came from a quantized GGUF file)."""
+
+
+def cache_root() -> Path:
+    base = os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit"
+    return Path(base).expanduser() / "models"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+
+
+def resolve_model(spec: str | os.PathLike | ModelSource) -> ModelSource:
+    """A bundled name, local folder, ``.gguf`` file or hub id -> a plain folder (see module doc)."""
+    if isinstance(spec, ModelSource):
+        return spec
+    text = os.fspath(spec)
+    bundled = get_bundled(text)
+    if bundled is not None:
+        return _resolve_bundled(bundled)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _resolve_folder(path)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{path} is a file but not a .gguf file; pass a model folder, a .gguf file, "
+                "a bundled name or a hub id"
+            )
+        return _resolve_gguf_file(path)
+    if _HUB_ID.match(text) and not text.lower().endswith(".gguf"):
+        return _resolve_hub(text)
+    raise ModelLoadError(
+        f"model {text!r} not found: no such file or folder, and not a bundled model "
+        f"(bundled: {', '.join(bundled_names())}) or hub id (owner/name)"
+    )
+
+
+def _resolve_folder(folder: Path, name: str | None = None) -> ModelSource:
+    if not (folder / "config.json").is_file():
+        ggufs = sorted(folder.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _resolve_gguf_file(ggufs[0])
+        raise ModelLoadError(
+            f"{folder} is not a model folder: no config.json (expected a Hugging Face checkpoint "
+            "with config.json and *.safetensors, or a single .gguf file)"
+        )
+    if not any(folder.glob("*.safetensors")):
+        bins = any(folder.glob("pytorch_model*.bin"))
+        raise ModelLoadError(
+            f"{folder} has no *.safetensors weights"
+            + ("; it has PyTorch .bin weights: re-save it with save_pretrained()" if bins else "")
+        )
+    model_type = _read_model_type(folder / "config.json")
+    architecture_for(model_type)  # raises UnsupportedArchitectureError with the supported list
+    return ModelSource(name or folder.name, folder.resolve(), model_type)
+
+
+def _read_model_type(config_file: Path) -> str:
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ModelLoadError(f"cannot read {config_file}: {_first_line(err)}") from err
+    if not model_type:
+        raise ModelLoadError(f"{config_file} has no model_type; is it a transformers config?")
+    return model_type
+
+
+def _resolve_bundled(model: BundledModel) -> ModelSource:
+    model.check_installed()
+    folder = _cached_conversion(cache_root() / model.name, model.fingerprint(), model.gguf)
+    return ModelSource(model.name, folder, _read_model_type(folder / "config.json"), model.note)
+
+
+def _resolve_gguf_file(path: Path) -> ModelSource:
+    path = path.resolve()
+    stat = path.stat()
+    fingerprint = {"gguf": str(path), "size": str(stat.st_size), "mtime_ns": str(stat.st_mtime_ns)}
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    folder = _cached_conversion(cache_root() / f"{path.stem}-{key}", fingerprint, lambda _: path)
+    note = (
+        f"weights dequantized from the GGUF file {path.name}: they lie on its quantization grid, "
+        "so re-quantizing to that grid is nearly free"
+    )
+    return ModelSource(path.stem, folder, _read_model_type(folder / "config.json"), note)
+
+
+def _resolve_hub(repo_id: str) -> ModelSource:
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=list(HUB_PATTERNS))
+    except Exception as err:  # offline, unreachable, unknown repo, gated: all mean "cannot fetch"
+        offline = "the hub is offline (HF_HUB_OFFLINE=1) and the local hub cache lacks it" if (
+            constants.HF_HUB_OFFLINE
+        ) else f"{type(err).__name__}: {_first_line(err)}"
+        raise ModelLoadError(
+            f"{repo_id!r} is not a local path or bundled model ({', '.join(bundled_names())}), "
+            f"and fetching it from the Hugging Face hub failed: {offline}"
+        ) from err
+    return _resolve_folder(Path(folder), name=repo_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF conversion and the cache
+
+
+def _cached_conversion(
+    folder: Path, fingerprint: dict[str, str], gguf: Callable[[Path], Path]
+) -> Path:
+    """``folder`` holding the conversion of the GGUF file that ``gguf(scratch)`` returns.
+
+    Reused when its marker records the same ``fingerprint``; otherwise built in a temporary
+    sibling folder and renamed into place (replacing a stale conversion).
+    """
+    marker = folder / MARKER
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()).get("source") == fingerprint:
+                return folder
+        except ValueError:
+            pass
+        log.info("cached conversion %s is stale; converting again", folder)
+    elif folder.exists():
+        raise ModelLoadError(
+            f"{folder} exists but is not a finished lowbit conversion; delete it and retry"
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    try:
+        out = work / "model"
+        gguf_path = gguf(_mkdir(work / "scratch"))
+        log.info("converting %s to a float32 Hugging Face folder (once)", gguf_path)
+        convert_gguf(gguf_path, out)
+        _write_marker(out, fingerprint)
+        _publish(out, folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return folder
+
+
+def convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint with transformers and save it as a plain float32 folder:
+    safetensors, config.json (without the GGUF quantization_config), generation config and
+    tokenizer files."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where, name = str(gguf_path.parent), gguf_path.name
+    try:
+        config = AutoConfig.from_pretrained(where, gguf_file=name, local_files_only=True)
+    except Exception as err:  # gguf-py and transformers raise many kinds for a bad file
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {_first_line(err)}") from err
+    architecture_for(config.model_type)  # before the slow part
+    model = AutoModelForCausalLM.from_pretrained(
+        where, gguf_file=name, dtype=torch.float32, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name, local_files_only=True)
+    # The weights are now dense float32: drop the GGUF quantizer so the folder saves and
+    # reloads as an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _write_marker(out: Path, fingerprint: dict[str, str]) -> None:
+    import transformers
+
+    import lowbit
+
+    record = {
+        "format": _CACHE_FORMAT, "source": fingerprint,
+        "lowbit": lowbit.__version__, "transformers": transformers.__version__,
+    }
+    (out / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _publish(built: Path, folder: Path) -> None:
+    """Rename ``built`` to ``folder``; a stale ``folder`` is moved aside first and deleted."""
+    stale = None
+    if folder.exists():
+        stale = folder.with_name(f".stale-{folder.name}-{os.getpid()}")
+        os.replace(folder, stale)
+    try:
+        os.replace(built, folder)
+    except OSError:
+        # Another process published the same conversion first: keep theirs.
+        if not (folder / MARKER).is_file():
+            raise
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(spec: str | os.PathLike | ModelSource):
+    """The transformers config of a model (see ``resolve_model`` for ``spec``)."""
+    from transformers import AutoConfig
+
+    source = resolve_model(spec)
+    return _guarded(
+        source, lambda: AutoConfig.from_pretrained(source.folder, local_files_only=True)
+    )
+
+
+def load_tokenizer(spec: str | os.PathLike | ModelSource):
+    """The tokenizer saved with a model (see ``resolve_model`` for ``spec``)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(spec)
+    if not any((source.folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{source.folder} has no tokenizer files; save one there with "
+            "tokenizer.save_pretrained(folder)"
+        )
+    return _guarded(
+        source, lambda: AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
+    )
+
+
+def load_model(
+    spec: str | os.PathLike | ModelSource,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """``(model, tokenizer)`` for ``spec`` (see ``resolve_model``); the model in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(spec)
+    if source.note:
+        log.info("%s: %s", source.name, source.note)
+    tokenizer = load_tokenizer(source)  # cheap; fail on a missing tokenizer before the weights
+    model = _guarded(
+        source,
+        lambda: AutoModelForCausalLM.from_pretrained(
+            source.folder, dtype=dtype, local_files_only=True
+        ),
+    )
+    return model.to(device).eval(), tokenizer
+
+
+def _guarded(source: ModelSource, load: Callable):
+    """Run a transformers loader; turn its errors into one-line ModelLoadErrors."""
+    try:
+        return load()
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelLoadError(
+            f"cannot load {source.name} from {source.folder}: {_first_line(err)}"
+        ) from err
