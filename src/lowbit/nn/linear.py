@@ -1,32 +1,51 @@
 """QuantizedLinear: an nn.Linear replacement that stores packed codes.
 
 The canonical ``QuantizedTensor`` fields are buffers (``qdata``, ``scale``, ``zero_point``,
-``group_index``), so ``state_dict`` holds exactly what is saved. The compute path (kernel) is
-chosen explicitly; see ``lowbit.nn.kernels``.
+``group_index``), so ``state_dict`` holds exactly what is saved. The compute path is a kernel
+from ``lowbit.nn.kernels``, chosen by name (``kernel=`` or ``set_kernel``), never by a hidden
+hardware check. What the kernel prepares lives in non-persistent buffers named
+``prepared_<field>``: it follows ``.to(device)``, stays out of ``state_dict``, and is rebuilt
+after ``load_state_dict``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core.formats import get_format
 from lowbit.core.tensor import QuantizedTensor
+from lowbit.nn.kernels import Kernel, KernelUnsupportedError, get_kernel
+
+logger = logging.getLogger(__name__)
+
+PREPARED_PREFIX = "prepared_"
+CANONICAL = ("qdata", "scale", "zero_point", "group_index")
 
 
 class QuantizedLinear(nn.Module):
-    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None):
+    def __init__(
+        self, qweight: QuantizedTensor, bias: torch.Tensor | None = None, kernel: str = "dequant"
+    ):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         self.format_name = qweight.format.name
         self.block_size = tuple(qweight.block_size)
         self.weight_dtype = qweight.dtype
-        self.register_buffer("qdata", qweight.qdata)
-        self.register_buffer("scale", qweight.scale)
-        self.register_buffer("zero_point", qweight.zero_point)
-        self.register_buffer("group_index", qweight.group_index)
+        for name in CANONICAL:
+            self.register_buffer(name, getattr(qweight, name))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._kernel: Kernel | None = None
+        self._sources: dict[str, str] = {}  # prepared field -> buffer name
+        self._settings: dict = {}
+        self.set_kernel(kernel)
+        # load_state_dict copies new codes into the buffers: derive the kernel's layout again.
+        self.register_load_state_dict_post_hook(_prepare_again)
 
     @property
     def qweight(self) -> QuantizedTensor:
@@ -36,11 +55,98 @@ class QuantizedLinear(nn.Module):
             self.group_index,
         )
 
+    @property
+    def kernel(self) -> str:
+        return self._kernel.name
+
+    def kernel_support(self, name: str) -> str | None:
+        """None if kernel ``name`` can run this layer where its weight is, else the reason."""
+        return get_kernel(name).supports(self.qweight, self.qdata.device)
+
+    def set_kernel(self, name: str) -> None:
+        """Compute with kernel ``name`` from now on (repacks the weight for it once)."""
+        kernel = get_kernel(name)
+        reason = self.kernel_support(name)
+        if reason is not None:
+            raise KernelUnsupportedError(
+                f"kernel {name!r} cannot run this layer ({self.format_name}, blocks "
+                f"{self.block_size}, {self.out_features}x{self.in_features}): {reason}; use "
+                "kernel 'dequant', which runs every format"
+            )
+        prepared = kernel.prepare(self.qweight)
+        for buffer in set(self._sources.values()) - set(CANONICAL):
+            del self._buffers[buffer]
+        sources, settings = {}, {}
+        for f in dataclasses.fields(prepared):
+            value = getattr(prepared, f.name)
+            if not (value is None or isinstance(value, torch.Tensor)):
+                settings[f.name] = value
+                continue
+            # A field that is a canonical buffer itself (dequant's qdata) refers to it, so that
+            # .to(device) moves one tensor, not two copies.
+            shared = next((c for c in CANONICAL if value is not None and value is self._buffers[c]),
+                          None)
+            sources[f.name] = shared or PREPARED_PREFIX + f.name
+            if shared is None:
+                self.register_buffer(sources[f.name], value, persistent=False)
+        self._kernel, self._sources, self._settings = kernel, sources, settings
+        logger.debug("%s: kernel %s", self.extra_repr(), name)
+
+    def prepared(self):
+        """The kernel's prepared record, rebuilt from the (possibly moved) buffers."""
+        buffers = self._buffers
+        return self._kernel.Prepared(
+            **self._settings, **{f: buffers[b] for f, b in self._sources.items()}
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return self._kernel.forward(x, self.prepared(), bias)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"format={self.format_name}, block_size={self.block_size}, bias={self.bias is not None}"
+            f"format={self.format_name}, block_size={self.block_size}, "
+            f"bias={self.bias is not None}, kernel={self.kernel if self._kernel else None}"
         )
+
+
+def _prepare_again(module: QuantizedLinear, incompatible_keys) -> None:
+    module.set_kernel(module.kernel)
+
+
+@dataclass
+class KernelChoice:
+    """Which kernel each QuantizedLinear of a model uses, and why a layer fell back."""
+
+    kernels: dict[str, str] = field(default_factory=dict)
+    """layer name -> kernel name"""
+    reasons: dict[str, str] = field(default_factory=dict)
+    """layer name -> why the requested kernel could not run it"""
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(self.kernels.values()))
+
+
+def set_kernel(model: nn.Module, name: str, fallback: str | None = "dequant") -> KernelChoice:
+    """Use kernel ``name`` on every QuantizedLinear of ``model`` that it supports and
+    ``fallback`` on the others (``fallback=None``: raise instead). Logs the counts."""
+    get_kernel(name)  # an unknown name fails before any layer changes
+    choice = KernelChoice()
+    for layer_name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear):
+            continue
+        reason = module.kernel_support(name)
+        if reason is not None and fallback is not None:
+            choice.reasons[layer_name] = reason
+            module.set_kernel(fallback)
+        else:
+            module.set_kernel(name)  # raises with the reason when fallback is None
+        choice.kernels[layer_name] = module.kernel
+    counts = ", ".join(f"{k}: {n}" for k, n in choice.counts().items()) or "no QuantizedLinear"
+    logger.info("kernel %r requested; layers per kernel: %s", name, counts)
+    for reason, n in Counter(choice.reasons.values()).items():
+        logger.info("%d layer(s) use %r because %s", n, fallback, reason)
+    return choice
