@@ -6,7 +6,6 @@ import functools
 import json
 import logging
 import os
-import resource
 import sys
 from pathlib import Path
 from typing import Optional
@@ -43,17 +42,16 @@ def friendly(fn):
 
 def _setup(quiet: bool) -> bool:
     """Configure logging and progress output for this process; returns whether to show progress."""
+    from lowbit.memory import serve_large_blocks_with_mmap
+
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    serve_large_blocks_with_mmap()
     if quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     return not quiet
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _parse_options(options: list[str]) -> dict:
@@ -117,7 +115,9 @@ def quantize(
     qmodel, tokenizer, report = quantize_pretrained(
         model, r, spec, lazy=lazy, batch_size=batch_size, device=device, progress=progress
     )
-    report.extra["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    from lowbit.memory import peak_rss_mb
+
+    report.extra["peak_rss_mb"] = round(peak_rss_mb(), 1)
     report.extra["lazy"] = lazy
     path = io.save(qmodel, out, tokenizer=tokenizer, recipe=r, report=report.to_dict(), overwrite=overwrite)
     summary = {

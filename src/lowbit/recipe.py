@@ -10,21 +10,15 @@ selected).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lowbit.core.args import QuantArgs, parse_scheme
+from lowbit.core.names import check_patterns, name_matches
 from lowbit.errors import ConfigError
 
 RECIPE_VERSION = 1
-
-
-def name_matches(pattern: str, name: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return pattern == name
 
 
 @dataclass(frozen=True)
@@ -43,12 +37,7 @@ class Recipe:
         object.__setattr__(
             self, "overrides", tuple((p, parse_scheme(s)) for p, s in self.overrides)
         )
-        for pattern in self.targets + self.ignore + tuple(p for p, _ in self.overrides):
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as e:
-                    raise ConfigError(f"bad regular expression {pattern!r}: {e}") from None
+        check_patterns(self.targets + self.ignore + tuple(p for p, _ in self.overrides), "recipe")
 
     def scheme_for(self, name: str) -> QuantArgs | None:
         """The scheme for linear layer ``name``, or None if it stays in high precision."""

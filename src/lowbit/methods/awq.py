@@ -28,7 +28,6 @@ The reported loss of each linear is || Q(W) X^T - W X^T ||^2 / (out_features * r
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +36,7 @@ from torch import nn
 
 from lowbit.core.args import QuantArgs
 from lowbit.core.blocks import expand_blocks
+from lowbit.core.names import check_patterns, name_matches
 from lowbit.core.quantize import block_range, fake_quantize, quantize
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.errors import ConfigError
@@ -79,18 +79,10 @@ class AWQConfig:
         if not 0 < self.min_clip_ratio <= 1:
             raise ConfigError(f"awq min_clip_ratio must be in (0, 1], got {self.min_clip_ratio}")
         object.__setattr__(self, "clip_skip", tuple(self.clip_skip))
-        for pattern in self.clip_skip:
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as e:
-                    raise ConfigError(f"awq clip_skip: bad regular expression {pattern!r}: {e}") from None
+        check_patterns(self.clip_skip, "awq clip_skip")
 
     def skips_clip(self, name: str) -> bool:
-        return any(
-            re.fullmatch(p[3:], name) is not None if p.startswith("re:") else p == name
-            for p in self.clip_skip
-        )
+        return any(name_matches(p, name) for p in self.clip_skip)
 
 
 @dataclass
@@ -163,13 +155,6 @@ def search_scales(
         if loss < best.loss:
             best = ScaleSearch(s, alpha, loss, identity)
     return best
-
-
-def divide_inputs(stats: InputStats, s: torch.Tensor) -> None:
-    """What the balance linears receive once s is folded: their input sample and mean|x| / s."""
-    stats.sample = [t / s.to(t) for t in stats.sample]
-    if stats.abs_sum is not None:
-        stats.abs_sum = stats.abs_sum / s.to(stats.abs_sum)
 
 
 # -- clipping ----------------------------------------------------------------------------------
@@ -290,7 +275,7 @@ class AWQ(Method):
             return
         fold_scales(layer, mapping, found.scales, arch)
         for st in {id(stats[n]): stats[n] for n in mapping.balance}.values():
-            divide_inputs(st, found.scales)
+            st.divide(found.scales)
 
     def _quantize(self, weight, args: QuantArgs, x: torch.Tensor, clip: bool) -> LayerResult:
         if clip:

@@ -71,6 +71,12 @@ class InputStats:
             self.sample.append(take.clone())
             self.sampled += take.shape[0]
 
+    def divide(self, s: torch.Tensor) -> None:
+        """The statistics of inputs divided per channel by ``s`` (scales folded upstream)."""
+        self.sample = [t / s.to(t) for t in self.sample]
+        if self.abs_sum is not None:
+            self.abs_sum = self.abs_sum / s.to(self.abs_sum)
+
     @property
     def inputs(self) -> torch.Tensor:
         """The sampled rows, ``(rows, K)``."""

@@ -33,11 +33,11 @@ import torch
 from lowbit.core.args import QuantArgs
 from lowbit.core.blocks import grid_shape
 from lowbit.core.qparams import qparams_from_range
-from lowbit.core.quantize import block_range
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.core.values import dequantize_values, quantize_values
 from lowbit.errors import ConfigError, LowbitError
 from lowbit.methods.base import HessianStats, LayerResult, Method, register_method
+from lowbit.observers import observed_range
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
 
     def set_params(first: int, x: torch.Tensor, group_args: QuantArgs) -> None:
         """Quantization parameters of the groups ``first, first + 1, ...`` covering ``x``."""
-        s, z = qparams_from_range(*_observed_range(x, group_args), group_args)
+        s, z = qparams_from_range(*observed_range(x, group_args), group_args)
         cols = slice(first, first + s.shape[1])
         scale[:, cols] = s
         row_scale[cols] = s.float().repeat_interleave(rows, 0)[:N].t()
@@ -224,22 +224,6 @@ def _group_args(args: QuantArgs, width: int) -> QuantArgs:
     if args.granularity == "block":
         return args.with_(block_shape=(args.block_shape[0], width))
     return args  # tensor / channel / token: the group is every column
-
-
-def _observed_range(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block range of ``x`` from ``args.observer`` (min-max without an observer object)."""
-    if args.observer == "minmax":
-        return block_range(x, args)
-    try:
-        from lowbit.observers import get_observer
-    except ImportError:
-        raise ConfigError(
-            f"observer {args.observer!r} needs lowbit.observers, which is not available; "
-            "use observer 'minmax'"
-        ) from None
-    observer = get_observer(args.observer, args)
-    observer.update(x)
-    return observer.range()
 
 
 @register_method

@@ -12,17 +12,12 @@ import torch
 from lowbit.core.args import QuantArgs
 from lowbit.core.quantize import quantize
 from lowbit.methods.base import LayerResult, Method, register_method
+from lowbit.observers import observed_range
 
 
 def observed_quantize(weight: torch.Tensor, args: QuantArgs):
     """Quantize with the range chosen by ``args.observer``."""
-    if args.observer == "minmax":
-        return quantize(weight, args)
-    from lowbit.observers import get_observer
-
-    observer = get_observer(args.observer, args)
-    observer.update(weight)
-    return quantize(weight, args, *observer.range())
+    return quantize(weight, args, *observed_range(weight, args))
 
 
 def weight_mse(weight: torch.Tensor, qweight) -> float:

@@ -5,7 +5,9 @@
 docs/observers.md for which to use when.
 """
 
-from lowbit.observers.base import OBSERVERS, Batch, Observer, get_observer, register_observer
+from lowbit.observers.base import (
+    OBSERVERS, Batch, Observer, get_observer, observed_range, register_observer,
+)
 from lowbit.observers.histogram import BlockHistogram, StreamingObserver
 from lowbit.observers.kl import KLObserver
 from lowbit.observers.minmax import MinMaxObserver
@@ -16,5 +18,5 @@ from lowbit.observers.percentile import PercentileObserver
 __all__ = [
     "OBSERVERS", "Batch", "BlockHistogram", "KLObserver", "MSEObserver", "MinMaxObserver",
     "MovingAverageObserver", "Observer", "PercentileObserver", "StreamingObserver",
-    "get_observer", "register_observer",
+    "get_observer", "observed_range", "register_observer",
 ]

@@ -158,3 +158,14 @@ def get_observer(name: str, args: QuantArgs, **options) -> Observer:
             f"allowed: {', '.join(allowed) or 'none'}"
         )
     return cls(args, **options)
+
+
+def observed_range(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block ``(xmin, xmax)`` of one tensor from ``args.observer`` (min-max needs no object)."""
+    if args.observer == "minmax":
+        from lowbit.core.quantize import block_range
+
+        return block_range(x, args)
+    observer = get_observer(args.observer, args)
+    observer.update(x)
+    return observer.range()

@@ -48,7 +48,11 @@ def quantize_layers(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> list[LayerReport]:
-    """Quantize ``targets`` (decoder-layer index -> linears) in place, layer by layer."""
+    """Quantize ``targets`` (decoder-layer index -> linears) in place, layer by layer.
+
+    ``targets`` is consumed: each layer's entries are dropped once the layer is done, so the
+    float modules they name can be freed (with lazy loading, only one layer's float weights
+    are ever resident)."""
     layers = decoder_layers(model, arch)
     needs_data = method.needs != "none"
     hidden: list[torch.Tensor] = []
@@ -66,7 +70,7 @@ def quantize_layers(
         if checkpoint is not None:
             checkpoint.load(layer, f"{arch.layers}.{i}.", dtype, device)
         layer.to(device)
-        layer_targets = targets.get(i, [])
+        layer_targets = targets.pop(i, [])
         kwargs = [to_device(k, device) for k in record.kwargs[i]] if needs_data else []
         stats: dict = {}
         if needs_data and layer_targets:
@@ -93,5 +97,6 @@ def quantize_layers(
             losses = [results[t.local_name].loss for t in layer_targets]
             bar.set_postfix(loss=f"{sum(losses) / len(losses):.3g}")
             log.debug("layer %d: %s", i, {t.local_name: results[t.local_name].loss for t in layer_targets})
+        del layer_targets, results
     return reports
 

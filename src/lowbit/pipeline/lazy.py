@@ -41,8 +41,9 @@ class Checkpoint:
         return name in self.files
 
     def get(self, name: str) -> torch.Tensor:
+        """A copy of the stored tensor: nothing keeps the file mapped once it is dropped."""
         with safe_open(self.files[name], "pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(name).clone()
 
     def load(self, module: nn.Module, prefix: str, dtype: torch.dtype | None, device="cpu",
              skip: frozenset[str] = frozenset()) -> None:
