@@ -105,3 +105,11 @@ def test_existing_output_is_refused(workspace):
     (root / "exists").mkdir()
     r = run("quantize", model_dir, "--out", root / "exists")
     assert r.exit_code == 2 and "already exists" in r.stderr
+
+
+def test_quantizing_a_quantized_folder_is_refused(workspace):
+    root, model_dir, _ = workspace
+    out = root / "twice"
+    assert run("quantize", model_dir, "--out", out, "--quiet").exit_code == 0
+    r = run("quantize", out, "--out", root / "thrice")
+    assert r.exit_code == 2 and "already quantized (lowbit)" in r.stderr

@@ -170,3 +170,39 @@ def test_same_inputs_same_output_bit_for_bit(recording_method):
 
 def test_rtn_method_is_registered():
     assert METHODS["rtn"] is RTN
+
+
+class _TwoInputs(torch.nn.Module):
+    """q reads one tensor, gate another of the same shape, allocated after the first is freed:
+    the allocator is free to hand gate's input the address q's input had."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(64, 64, bias=False)
+        self.gate = torch.nn.Linear(64, 64, bias=False)
+
+    def forward(self, x):
+        a = x * 2
+        y = self.q(a)
+        del a
+        b = y + 1
+        return self.gate(b)
+
+
+def test_linears_on_different_tensors_never_share_statistics(recording_method):
+    from lowbit.core import parse_scheme
+    from lowbit.methods.base import Target
+    from lowbit.pipeline.capture import collect_stats
+
+    layer = _TwoInputs()
+    args = parse_scheme("w4g32")
+    targets = [Target("q", "q", layer.q, args), Target("gate", "gate", layer.gate, args)]
+    method = recording_method()
+    x = torch.randn(4, 256, 64)
+    with collect_stats(layer, targets, method, x.shape[0] * x.shape[1]) as stats, torch.no_grad():
+        for _ in range(3):
+            layer(x)
+    assert stats["q"] is not stats["gate"]
+    a = x * 2
+    b = layer.q(a) + 1
+    torch.testing.assert_close(stats["gate"].hessian.double(), _hessian(b.detach()), rtol=1e-4, atol=1e-5)

@@ -121,11 +121,19 @@ def _resolve_folder(folder: Path, name: str | None = None) -> ModelSource:
 
 def _read_model_type(config_file: Path) -> str:
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text())
+        model_type = config.get("model_type")
     except (OSError, ValueError, AttributeError) as err:
         raise ModelLoadError(f"cannot read {config_file}: {_first_line(err)}") from err
     if not model_type:
         raise ModelLoadError(f"{config_file} has no model_type; is it a transformers config?")
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method:
+        raise ModelLoadError(
+            f"{config_file.parent} is already quantized ({method}); lowbit quantizes float "
+            "checkpoints: point it at the original model"
+            + (" (load this one with lowbit.io.load or `lowbit eval`)" if method == "lowbit" else "")
+        )
     return model_type
 
 

@@ -84,7 +84,10 @@ def collect_stats(layer: nn.Module, targets: list[Target], method: Method, total
     """Yields ``{local_name: stats}``, filled while the layer runs forward inside the block."""
     stats: dict[str, object] = {}
     leader: dict[str, bool] = {}
-    seen: dict[tuple, str] = {}
+    # Inputs seen in the current forward, by identity. Holding the tensors keeps their memory
+    # from being reused by a later input of the same shape within that forward, which would
+    # otherwise group unrelated linears (e.g. q_proj with gate_proj) by a recycled address.
+    seen: dict[int, tuple[torch.Tensor, str]] = {}
 
     def reset(*_):
         seen.clear()
@@ -92,16 +95,15 @@ def collect_stats(layer: nn.Module, targets: list[Target], method: Method, total
     def hook_for(target: Target):
         def hook(module, inputs, output):
             x = inputs[0]
-            key = (x.data_ptr(), tuple(x.shape), x.dtype)
             name = target.local_name
             if name not in stats:  # first batch: group linears that read the same tensor
-                if key in seen:
-                    stats[name] = stats[seen[key]]
+                if id(x) in seen:
+                    stats[name] = stats[seen[id(x)][1]]
                     leader[name] = False
                 else:
                     stats[name] = method.new_stats(x.shape[-1], total_rows, x.device)
                     leader[name] = True
-            seen.setdefault(key, name)
+            seen.setdefault(id(x), (x, name))
             if leader[name]:
                 stats[name].add(x.detach())
 
