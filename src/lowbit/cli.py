@@ -42,11 +42,8 @@ def friendly(fn):
 
 def _setup(quiet: bool) -> bool:
     """Configure logging and progress output for this process; returns whether to show progress."""
-    from lowbit.memory import serve_large_blocks_with_mmap
-
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    serve_large_blocks_with_mmap()
     if quiet:
         from transformers.utils import logging as hf_logging
 
@@ -111,6 +108,11 @@ def quantize(
     if out.exists() and not overwrite:
         raise LowbitError(f"output {out} already exists; choose another path or pass --overwrite")
     r = _build_recipe(scheme, method, recipe, option, ignore, targets)
+    from lowbit.methods.base import get_method
+    from lowbit.memory import serve_large_blocks_with_mmap
+
+    if get_method(r.method, r.method_options).needs == "none":
+        serve_large_blocks_with_mmap()  # halves RTN's peak; costs calibrated methods time (memory.py)
     spec = CalibrationSpec(source=calib, num_samples=samples, seq_len=seq_len, seed=seed)
     qmodel, tokenizer, report = quantize_pretrained(
         model, r, spec, lazy=lazy, batch_size=batch_size, device=device, progress=progress

@@ -4,8 +4,14 @@ glibc serves large allocations from its heap once its (dynamic) mmap threshold h
 a heap fragmented by PyTorch's big temporary tensors keeps freed memory resident: measured on
 SmolLM2-135M, RTN with lazy loading peaked at about 1,070 MB by default and 620 MB with the
 threshold fixed at 1 MiB. ``serve_large_blocks_with_mmap`` fixes the threshold, so freeing a
-large block returns it to the system. The CLI calls it at start-up; library users may too. It
-changes the whole process, so lowbit never calls it on import.
+large block returns it to the system.
+
+It is not free: every large temporary then costs an mmap and fresh zeroed pages. For GPTQ
+(32 x 512 calibration tokens, lazy) it made quantization 27% slower (132 s -> 167 s) for no
+lower peak (1,022 MB -> 1,034 MB; a ``malloc_trim`` per layer instead gave 145 s and 1,092 MB),
+because there the peak is calibration activations, which are live anyway. So ``lowbit quantize``
+sets it only for data-free methods (rtn, hqq). It changes the whole process, so lowbit never
+calls it on import; library users may.
 """
 
 from __future__ import annotations
