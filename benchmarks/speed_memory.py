@@ -4,7 +4,7 @@
     python benchmarks/speed_memory.py --model gemma3-270m --decode-tokens 32
 
 For each variant (float32, bfloat16, RTN W8 per-channel, RTN W4 g128 and W4 g64, each with the
-kernels that can run it) the script measures, in one process and one run:
+kernels that can run it; layers a kernel cannot run use ``dequant``, and the table says how many) the script measures, in one process and one run:
 
 - weight MB: bytes of every parameter and buffer the model holds (tied tensors once), i.e. the
   resident weights including what a kernel prepared;
@@ -42,6 +42,7 @@ VARIANTS = [
     ("W4 g128 rtn / int4", "w4g128", torch.float32, "int4"),
     ("W4 g128 rtn / int4-bf16", "w4g128", torch.float32, "int4-bf16"),
     ("W4 g64 rtn / dequant", "w4g64", torch.float32, "dequant"),
+    ("W4 g64 rtn / int4", "w4g64", torch.float32, "int4"),
 ]
 
 
@@ -81,9 +82,11 @@ def main() -> None:
     rows = []
     for label, scheme, dtype, kernel in VARIANTS:
         model = copy.deepcopy(base).to(dtype)
+        used = "-"
         if scheme is not None:
             quantize(model, Recipe(scheme=scheme), progress=False)
-            set_kernel(model, kernel, fallback="dequant")
+            counts = set_kernel(model, kernel, fallback="dequant").counts()
+            used = ", ".join(f"{k} {n}" for k, n in counts.items())
         with torch.inference_mode():
             prefill = median_seconds(lambda: model(ids), args.repeats)
             decode = median_seconds(
@@ -91,18 +94,19 @@ def main() -> None:
                                        min_new_tokens=args.decode_tokens, do_sample=False),
                 args.repeats,
             )
-        rows.append((label, weight_bytes(model) / 1e6, ids.shape[1] / prefill,
+        rows.append((label, used, weight_bytes(model) / 1e6, ids.shape[1] / prefill,
                      args.decode_tokens / decode))
         del model
 
     ref = rows[0]
     print(f"model {args.model}, {args.threads} threads, torch {torch.__version__}, "
           f"prefill 1 x {ids.shape[1]} tokens, decode {args.decode_tokens} tokens\n")
-    print("| variant | weight MB | x fp32 | prefill tok/s | x fp32 | decode tok/s | x fp32 |")
-    print("|---|---|---|---|---|---|---|")
-    for label, mb, pre, dec in rows:
-        print(f"| {label} | {mb:.1f} | {mb / ref[1]:.2f} | {pre:.0f} | {pre / ref[2]:.2f} | "
-              f"{dec:.1f} | {dec / ref[3]:.2f} |")
+    print("| variant | layers per kernel | weight MB | x fp32 | prefill tok/s | x fp32 "
+          "| decode tok/s | x fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, used, mb, pre, dec in rows:
+        print(f"| {label} | {used} | {mb:.1f} | {mb / ref[2]:.2f} | {pre:.0f} | {pre / ref[3]:.2f} | "
+              f"{dec:.1f} | {dec / ref[4]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -113,3 +113,17 @@ def test_quantizing_a_quantized_folder_is_refused(workspace):
     assert run("quantize", model_dir, "--out", out, "--quiet").exit_code == 0
     r = run("quantize", out, "--out", root / "thrice")
     assert r.exit_code == 2 and "already quantized (lowbit)" in r.stderr
+
+
+def test_low_memory_is_opt_in(workspace, monkeypatch):
+    import lowbit.memory
+
+    calls = []
+    monkeypatch.setattr(lowbit.memory, "serve_large_blocks_with_mmap", lambda: calls.append(1))
+    root, model_dir, _ = workspace
+    r = run("quantize", model_dir, "--out", root / "lm1", "--scheme", "w8", "--quiet")
+    assert r.exit_code == 0 and calls == []
+    r = run("quantize", model_dir, "--out", root / "lm2", "--scheme", "w8", "--quiet", "--low-memory")
+    assert r.exit_code == 0 and calls == [1]
+    report = json.loads((root / "lm2" / "lowbit_report.json").read_text())
+    assert report["low_memory"] is True and report["peak_rss_mb"] > 0

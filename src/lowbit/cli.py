@@ -95,6 +95,7 @@ def quantize(
     batch_size: int = typer.Option(8, help="calibration samples per forward pass"),
     lazy: bool = typer.Option(True, help="read layer weights from disk only when needed (--no-lazy loads the whole model)"),
     device: Optional[str] = typer.Option(None, help="compute device for each layer, e.g. cuda"),
+    low_memory: bool = typer.Option(False, help="return freed memory to the system at once: lower peak, slower (docs/results.md)"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
     quiet: bool = typer.Option(False, help="no progress bars or info logs"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
@@ -108,11 +109,10 @@ def quantize(
     if out.exists() and not overwrite:
         raise LowbitError(f"output {out} already exists; choose another path or pass --overwrite")
     r = _build_recipe(scheme, method, recipe, option, ignore, targets)
-    from lowbit.methods.base import get_method
-    from lowbit.memory import serve_large_blocks_with_mmap
+    if low_memory:
+        from lowbit.memory import serve_large_blocks_with_mmap
 
-    if get_method(r.method, r.method_options).needs == "none":
-        serve_large_blocks_with_mmap()  # halves RTN's peak; costs calibrated methods time (memory.py)
+        serve_large_blocks_with_mmap()
     spec = CalibrationSpec(source=calib, num_samples=samples, seq_len=seq_len, seed=seed)
     qmodel, tokenizer, report = quantize_pretrained(
         model, r, spec, lazy=lazy, batch_size=batch_size, device=device, progress=progress
@@ -121,6 +121,7 @@ def quantize(
 
     report.extra["peak_rss_mb"] = round(peak_rss_mb(), 1)
     report.extra["lazy"] = lazy
+    report.extra["low_memory"] = low_memory
     path = io.save(qmodel, out, tokenizer=tokenizer, recipe=r, report=report.to_dict(), overwrite=overwrite)
     summary = {
         "out": str(path), "model": model, "scheme": r.scheme.name(), "method": r.method,

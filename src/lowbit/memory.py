@@ -1,17 +1,18 @@
 """Process-level memory settings for long quantization runs.
 
 glibc serves large allocations from its heap once its (dynamic) mmap threshold has grown, and
-a heap fragmented by PyTorch's big temporary tensors keeps freed memory resident: measured on
-SmolLM2-135M, RTN with lazy loading peaked at about 1,070 MB by default and 620 MB with the
-threshold fixed at 1 MiB. ``serve_large_blocks_with_mmap`` fixes the threshold, so freeing a
-large block returns it to the system.
+a heap fragmented by PyTorch's big temporary tensors keeps freed memory resident.
+``serve_large_blocks_with_mmap`` fixes the threshold at 1 MiB, so freeing a large block returns
+it to the system at once. It is not free: every large temporary then costs an mmap and fresh
+zeroed pages. Measured on SmolLM2-135M, lazy loading, w4g128 (docs/results.md):
 
-It is not free: every large temporary then costs an mmap and fresh zeroed pages. For GPTQ
-(32 x 512 calibration tokens, lazy) it made quantization 27% slower (132 s -> 167 s) for no
-lower peak (1,022 MB -> 1,034 MB; a ``malloc_trim`` per layer instead gave 145 s and 1,092 MB),
-because there the peak is calibration activations, which are live anyway. So ``lowbit quantize``
-sets it only for data-free methods (rtn, hqq). It changes the whole process, so lowbit never
-calls it on import; library users may.
+- RTN: peak 1,151 MB -> 695 MB, 1.7 s -> 6.1 s (thresholds of 8 and 32 MiB: no gain);
+- HQQ: 28 s -> 110 s;
+- GPTQ, 128 x 512 calibration tokens: peak 1,708 MB -> 1,248 MB, time +27%;
+  at 32 x 512: 1,022 -> 1,034 MB, 132 -> 167 s (``malloc_trim`` per layer: 1,092 MB, 145 s).
+
+So it is opt-in: ``lowbit quantize --low-memory``. It changes the whole process, so lowbit
+never calls it on import; library users may.
 """
 
 from __future__ import annotations
