@@ -206,3 +206,21 @@ def test_linears_on_different_tensors_never_share_statistics(recording_method):
     a = x * 2
     b = layer.q(a) + 1
     torch.testing.assert_close(stats["gate"].hessian.double(), _hessian(b.detach()), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_bytes", [12, 60, 1 << 20])
+def test_checkpoint_copies_large_tensors_in_chunks_exactly(tmp_path, monkeypatch, chunk_bytes):
+    from safetensors.torch import save_file
+
+    from lowbit.pipeline.lazy import Checkpoint
+
+    tensors = {
+        "big": torch.randn(37, 5), "half": torch.randn(10, 3).to(torch.bfloat16),
+        "vector": torch.randn(7), "scalar": torch.tensor(2.5), "row": torch.randn(1, 4),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    checkpoint = Checkpoint(tmp_path)
+    monkeypatch.setattr(Checkpoint, "chunk_bytes", chunk_bytes)  # 12: 2-row chunks of "half"
+    for name, tensor in tensors.items():
+        got = checkpoint.get(name)
+        assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
