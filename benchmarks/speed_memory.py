@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 
 import torch
@@ -96,6 +97,8 @@ def main() -> None:
             )
         rows.append((label, used, weight_bytes(model) / 1e6, ids.shape[1] / prefill,
                      args.decode_tokens / decode))
+        print(f"measured {label}: prefill {ids.shape[1] / prefill:.0f} tok/s, "
+              f"decode {args.decode_tokens / decode:.1f} tok/s", file=sys.stderr, flush=True)
         del model
 
     ref = rows[0]
