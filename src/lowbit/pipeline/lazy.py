@@ -52,12 +52,9 @@ class Checkpoint:
         with safe_open(file, "pt") as f:
             view = f.get_slice(name)
             shape = view.get_shape()
-            if len(shape) == 0 or shape[0] <= 1:
-                return f.get_tensor(name).clone()
-            first = view[0:1]
-        row_bytes = first.numel() * first.element_size()
-        if row_bytes * shape[0] <= self.chunk_bytes:
-            with safe_open(file, "pt") as f:
+            first = view[0:1] if len(shape) > 0 and shape[0] > 1 else None
+            row_bytes = first.numel() * first.element_size() if first is not None else 0
+            if first is None or row_bytes * shape[0] <= self.chunk_bytes:
                 return f.get_tensor(name).clone()
         out = torch.empty(shape, dtype=first.dtype)
         rows = max(1, self.chunk_bytes // max(1, row_bytes))
