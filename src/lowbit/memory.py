@@ -4,12 +4,9 @@ glibc serves large allocations from its heap once its (dynamic) mmap threshold h
 a heap fragmented by PyTorch's big temporary tensors keeps freed memory resident.
 ``serve_large_blocks_with_mmap`` fixes the threshold at 1 MiB, so freeing a large block returns
 it to the system at once. It is not free: every large temporary then costs an mmap and fresh
-zeroed pages. Measured on SmolLM2-135M, lazy loading, w4g128 (docs/results.md):
-
-- RTN: peak 1,151 MB -> 695 MB, 1.7 s -> 6.1 s (thresholds of 8 and 32 MiB: no gain);
-- HQQ: 28 s -> 110 s;
-- GPTQ, 128 x 512 calibration tokens: peak 1,708 MB -> 1,248 MB, time +27%;
-  at 32 x 512: 1,022 -> 1,034 MB, 132 -> 167 s (``malloc_trim`` per layer: 1,092 MB, 145 s).
+zeroed pages. Measured on SmolLM2-135M, lazy loading, w4g128, by ``benchmarks/allocator.py``
+(table in docs/results.md): HQQ 31.6 s -> 112.6 s and peak 1,152 -> 662 MB; GPTQ with 32 x 512
+calibration tokens 139 s -> 169 s and 1,635 -> 1,009 MB; RTN 1.9 s -> 5.0 s, peak unchanged.
 
 So it is opt-in: ``lowbit quantize --low-memory``. It changes the whole process, so lowbit
 never calls it on import; library users may.
