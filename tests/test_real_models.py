@@ -13,7 +13,7 @@ import torch
 from lowbit import io
 from lowbit.data.calibration import CalibrationSpec, calibration_tokens, evaluation_tokens
 from lowbit.eval.metrics import compare_models
-from lowbit.inspect import inspect_folder
+from lowbit.contents import inspect_folder
 from lowbit.models.load import load_model
 from lowbit.quantize import quantize
 from lowbit.recipe import Recipe

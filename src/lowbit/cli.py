@@ -159,7 +159,7 @@ def _is_lowbit(folder: Path) -> bool:
 
 def _size_row(spec: str) -> tuple[float, float]:
     """(file size in MB, bits per weight of the quantized linears or of the float weights)."""
-    from lowbit.inspect import inspect_folder, tensor_bytes
+    from lowbit.contents import inspect_folder, tensor_bytes
     from lowbit.models.load import resolve_model
 
     if Path(spec).is_dir() and _is_lowbit(Path(spec)):
@@ -226,7 +226,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print the same content as JSON"),
 ):
     """Per-layer schemes and sizes of a quantized model."""
-    from lowbit.inspect import inspect_folder
+    from lowbit.contents import inspect_folder
 
     info = inspect_folder(folder)
     if as_json:

@@ -49,7 +49,7 @@ def compare(model: str, schemes: list[str], methods: list[str], *, quantize_args
     from lowbit import io
     from lowbit.data.calibration import evaluation_tokens
     from lowbit.eval.metrics import compare_models
-    from lowbit.inspect import inspect_folder
+    from lowbit.contents import inspect_folder
     from lowbit.models.load import load_model
 
     reference, tokenizer = load_model(model)
