@@ -17,6 +17,8 @@ import json
 import subprocess
 import sys
 
+from lowbit import defaults
+
 CHILD = """
 import json, sys
 from lowbit.memory import peak_rss_mb, serve_large_blocks_with_mmap
@@ -45,12 +47,14 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--methods", default="rtn,hqq")
     parser.add_argument("--scheme", default="w4g128")
-    parser.add_argument("--samples", type=int, default=128, help="calibration samples (x 512 tokens)")
+    parser.add_argument("--samples", type=int, default=defaults.CALIBRATION_SAMPLES,
+                        help=f"calibration samples (x {defaults.CALIBRATION_SEQ_LEN} tokens)")
     parser.add_argument("--thresholds", default="0,1,8,32", help="MiB; 0 = default allocator")
     args = parser.parse_args()
     thresholds = sorted({0, *(int(t) for t in args.thresholds.split(","))})  # 0 is the baseline
 
-    print(f"model {args.model}, {args.scheme}, lazy loading, {args.samples} x 512 calibration tokens "
+    print(f"model {args.model}, {args.scheme}, lazy loading, "
+          f"{args.samples} x {defaults.CALIBRATION_SEQ_LEN} calibration tokens "
           "(calibrated methods only)\n")
     print("| method | mmap threshold | time s | x default | peak MB | x default |")
     print("|---|---|---|---|---|---|")

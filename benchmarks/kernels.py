@@ -14,11 +14,12 @@ import argparse
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from lowbit.core import parse_scheme, quantize
+from lowbit.core import parse_args, quantize
 from lowbit.nn import KERNELS, QuantizedLinear
 
 # SmolLM2-135M: hidden 576, 9 query heads and 3 key/value heads of 64, intermediate 1536.
@@ -61,18 +62,18 @@ def run(batches, repeats: int, budget_s: float) -> list[tuple]:
         for batch in batches:
             x = torch.randn(batch, k)
             xb, wb = x.bfloat16(), weight.bfloat16()
-            base = time_calls(lambda: F.linear(x, weight), repeats, budget_s)
+            base = time_calls(partial(F.linear, x, weight), repeats, budget_s)
             rows.append((shape_name, n, k, batch, "F.linear float32", base, base))
-            t = time_calls(lambda: F.linear(xb, wb), repeats, budget_s)
+            t = time_calls(partial(F.linear, xb, wb), repeats, budget_s)
             rows.append((shape_name, n, k, batch, "F.linear bfloat16", t, base))
             for scheme in SCHEMES:
-                layer = QuantizedLinear(quantize(weight, parse_scheme(scheme)))
+                layer = QuantizedLinear(quantize(weight, parse_args(scheme)))
                 for kernel in KERNELS:
                     if layer.kernel_support(kernel) is not None:
                         continue
                     layer.set_kernel(kernel)
                     with torch.inference_mode():
-                        t = time_calls(lambda: layer(x), repeats, budget_s)
+                        t = time_calls(partial(layer, x), repeats, budget_s)
                     rows.append((shape_name, n, k, batch, f"{scheme} {kernel}", t, base))
     return rows
 

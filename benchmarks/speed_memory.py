@@ -4,7 +4,8 @@
     python benchmarks/speed_memory.py --model gemma3-270m --decode-tokens 32
 
 For each variant (float32, bfloat16, RTN W8 per-channel, RTN W4 g128 and W4 g64, each with the
-kernels that can run it; layers a kernel cannot run use ``dequant``, and the table says how many) the script measures, in one process and one run:
+kernels that can run it; layers a kernel cannot run use ``dequant``, and the table says how many)
+the script measures, in one process and one run:
 
 - weight MB: bytes of every parameter and buffer the model holds (tied tensors once), i.e. the
   resident weights including what a kernel prepared;
@@ -23,6 +24,7 @@ import copy
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -89,10 +91,10 @@ def main() -> None:
             counts = set_kernel(model, kernel, fallback="dequant").counts()
             used = ", ".join(f"{k} {n}" for k, n in counts.items())
         with torch.inference_mode():
-            prefill = median_seconds(lambda: model(ids), args.repeats)
+            prefill = median_seconds(partial(model, ids), args.repeats)
             decode = median_seconds(
-                lambda: model.generate(prompt, max_new_tokens=args.decode_tokens,
-                                       min_new_tokens=args.decode_tokens, do_sample=False),
+                partial(model.generate, prompt, max_new_tokens=args.decode_tokens,
+                        min_new_tokens=args.decode_tokens, do_sample=False),
                 args.repeats,
             )
         rows.append((label, used, weight_bytes(model) / 1e6, ids.shape[1] / prefill,

@@ -7,17 +7,25 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.core.args import parse_scheme
+from lowbit.core.args import parse_args
 from lowbit.core.quantize import block_range, fake_quantize
 from lowbit.errors import ConfigError
-from lowbit.methods import InputStats, Target, get_method
-from lowbit.methods.awq import AWQ, AWQConfig, search_clip, search_scales
+from lowbit.methods import InputStats, LinearStats, Target, resolve_stages
+from lowbit.methods.awq import AWQClipConfig, search_clip, search_scales
 from lowbit.methods.rtn import RTN
 from lowbit.models.arch import architecture_for
+from lowbit.pipeline.layerwise import Plan, transform
 
 ARCH = architecture_for("llama")
 OUTLIERS = [3, 17, 42]  # input channels of the decoder layer that get large magnitudes
-SMALL_GRIDS = AWQConfig(n_grid=5, clip_grid=5)  # where grid size does not matter: faster
+SMALL_GRIDS = {"n_grid": 5, "clip_grid": 5}  # where grid size does not matter: faster
+
+
+def awq_layer(layer, targets, stats, options=None, skipped=None):
+    """The pipeline's transform and quantize steps for ``awq`` on one decoder layer."""
+    plan = Plan.from_stages(resolve_stages("awq", options), measure_error=False)
+    transform(layer, targets, stats, plan, ARCH, set() if skipped is None else skipped)
+    return {t.local_name: plan.quantizer.quantize_target(t, stats[t.local_name]) for t in targets}
 
 
 def hidden_states(seed: int, outliers: bool = True, batch: int = 4, seq: int = 32) -> torch.Tensor:
@@ -42,15 +50,16 @@ def layer_targets(layer, args, index=0):
     ]
 
 
-def capture_stats(model, layer, targets, hidden) -> dict[str, InputStats]:
-    """InputStats per target from forward hooks; the balance linears of a mapping share one."""
+def capture_stats(model, layer, targets, hidden) -> dict[str, LinearStats]:
+    """Input statistics per target from forward hooks; the balance linears of a mapping share one."""
     leader = {}
     for mapping in ARCH.mappings:
         for name in mapping.balance:
             leader.setdefault(name, mapping.balance[0])
-    shared: dict[str, InputStats] = {}
+    shared: dict[str, LinearStats] = {}
     stats = {
-        t.local_name: shared.setdefault(leader.get(t.local_name, t.local_name), InputStats(10**6))
+        t.local_name: shared.setdefault(leader.get(t.local_name, t.local_name),
+                                        LinearStats(inputs=InputStats(10**6)))
         for t in targets
     }
     handles = [
@@ -69,9 +78,9 @@ def capture_stats(model, layer, targets, hidden) -> dict[str, InputStats]:
 def quantize_awq(model, scheme, config=None, outliers=True, index=0):
     """A copy of decoder layer ``index`` after AWQ, its results and stats."""
     layer = copy.deepcopy(model.model.layers[index])
-    targets = layer_targets(layer, parse_scheme(scheme), index)
+    targets = layer_targets(layer, parse_args(scheme), index)
     stats = capture_stats(model, layer, targets, hidden_states(1, outliers))
-    results = AWQ(config).quantize_layer(layer, targets, stats, ARCH)
+    results = awq_layer(layer, targets, stats, config)
     return layer, targets, stats, results
 
 
@@ -92,7 +101,7 @@ def output_mse(model, layer, reference, hidden) -> float:
 
 def test_alpha_zero_without_duo_scaling_is_rtn_bit_for_bit(tiny_llama):
     original = copy.deepcopy(tiny_llama.model.layers[0])
-    config = AWQConfig(n_grid=1, duo_scaling=False, clip=False)
+    config = {"n_grid": 1, "duo_scaling": False, "clip": False}
     layer, targets, _, results = quantize_awq(tiny_llama, "w4g32", config)
     rtn = RTN()
     for t in targets:
@@ -106,9 +115,9 @@ def test_alpha_zero_without_duo_scaling_is_rtn_bit_for_bit(tiny_llama):
 
 def qkv_problem(model, scheme, outliers):
     layer = model.model.layers[0]
-    targets = layer_targets(layer, parse_scheme(scheme))
+    targets = layer_targets(layer, parse_args(scheme))
     stats = capture_stats(model, layer, targets, hidden_states(1, outliers))
-    x = stats["self_attn.q_proj"]
+    x = stats["self_attn.q_proj"]["inputs"]
     weights = [(layer.get_submodule(n).weight.data, t.args) for t in targets
                for n in [t.local_name] if n in ARCH.mappings[0].balance]
     return x.inputs, x.abs_mean, weights
@@ -144,7 +153,7 @@ def test_searched_scales_never_worse_than_identity(tiny_llama):
 
 def test_scaling_keeps_the_float_layer_function_and_updates_stats(tiny_llama):
     original = copy.deepcopy(tiny_llama.model.layers[0])
-    layer, targets, stats, _ = quantize_awq(tiny_llama, "w4g32", AWQConfig(clip=False))
+    layer, targets, stats, _ = quantize_awq(tiny_llama, "w4g32", {"clip": False})
     # scales were folded (so this test can fail) ...
     assert not torch.equal(layer.input_layernorm.weight, original.input_layernorm.weight)
     assert not torch.equal(layer.mlp.down_proj.weight, original.mlp.down_proj.weight)
@@ -155,8 +164,8 @@ def test_scaling_keeps_the_float_layer_function_and_updates_stats(tiny_llama):
     # the stats now describe what the scaled linears receive
     again = capture_stats(tiny_llama, layer, targets, hidden_states(1))
     for name in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj", "self_attn.o_proj"):
-        torch.testing.assert_close(stats[name].inputs, again[name].inputs, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(stats[name].abs_mean, again[name].abs_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(stats[name]["inputs"].inputs, again[name]["inputs"].inputs, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(stats[name]["inputs"].abs_mean, again[name]["inputs"].abs_mean, rtol=1e-4, atol=1e-5)
 
 
 # -- clipping ----------------------------------------------------------------------------------
@@ -176,7 +185,7 @@ def block_errors_by_loop(w, x, args, lo, hi):
 
 @pytest.mark.parametrize("scheme", ["w3g16", "w4g16-asym", "w3", "w4b2x16"])
 def test_clip_search_finds_the_best_ratio_of_each_block(scheme):
-    args = parse_scheme(scheme)
+    args = parse_args(scheme)
     w = torch.randn(7, 40)  # 40 columns in groups of 16: a ragged last group; 7 rows in 2-row blocks
     x = torch.randn(50, 40)
     x[:, 5] *= 10
@@ -216,14 +225,14 @@ def test_awq_beats_rtn_on_held_out_inputs(tiny_llama, scheme):
 
 
 def test_gqa_value_mapping_is_skipped_and_logged_once(tiny_llama, caplog):
-    caplog.set_level(logging.INFO, logger="lowbit.methods.awq")
-    method = AWQ(SMALL_GRIDS)
+    caplog.set_level(logging.INFO, logger="lowbit.pipeline.layerwise")
+    skipped = set()
     for index in (0, 1):
         layer = tiny_llama.model.layers[index]
         o_proj = layer.self_attn.o_proj.weight.clone()
-        targets = layer_targets(layer, parse_scheme("w4g32"), index)
+        targets = layer_targets(layer, parse_args("w4g32"), index)
         stats = capture_stats(tiny_llama, layer, targets, hidden_states(index))
-        results = method.quantize_layer(layer, targets, stats, ARCH)
+        results = awq_layer(layer, targets, stats, SMALL_GRIDS, skipped)
         assert set(results) == {t.local_name for t in targets}
         assert torch.equal(layer.self_attn.o_proj.weight, o_proj)  # not a balance of any fold
     skipped = [r for r in caplog.records if "v_proj -> self_attn.o_proj" in r.getMessage()]
@@ -238,11 +247,12 @@ def test_deterministic(tiny_llama):
         assert torch.equal(a.qweight.qdata, b.qweight.qdata)
         assert torch.equal(a.qweight.scale, b.qweight.scale)
         assert torch.equal(a.qweight.zero_point, b.qweight.zero_point)
-        assert a.loss == b.loss
+        assert a.objective == b.objective
 
 
 def test_config_is_validated():
-    assert get_method("awq", {"clip_skip": ["re:.*o_proj"]}).config.skips_clip("model.layers.0.self_attn.o_proj")
+    clip = resolve_stages("awq", {"clip_skip": ["re:.*o_proj"]})[1]
+    assert clip.config.skips_clip("model.layers.0.self_attn.o_proj")
     for bad in ({"n_grid": 0}, {"min_clip_ratio": 0.0}, {"clip_skip": ["re:("]}, {"ngrid": 20}):
         with pytest.raises(ConfigError):
-            get_method("awq", bad)
+            resolve_stages("awq", bad)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.core import (
-    QuantArgs, QuantizedTensor, fake_quantize, get_format, pack, packed_length, parse_scheme,
+    QuantArgs, QuantizedTensor, fake_quantize, get_format, pack, packed_length, parse_args,
     quantize, unpack,
 )
 from lowbit.core.formats import FP4_LEVELS, NF4_LEVELS
@@ -85,19 +85,19 @@ def test_unknown_format_error_names_known_formats():
         ("w3g128", "int3", True, "group", 128),
         ("w2g64-asym", "int2", False, "group", 64),
         ("nf4", "nf4", True, "group", 64),
-        ("w4a16", "int4", True, "group", 128),
         ("fp8", "fp8_e4m3", True, "channel", None),
+        ("fp8_e5m2", "fp8_e5m2", True, "channel", None),
     ],
 )
 def test_parse_scheme(spec, fmt, sym, gran, group):
-    a = parse_scheme(spec)
+    a = parse_args(spec)
     assert (a.format, a.symmetric, a.granularity, a.group_size) == (fmt, sym, gran, group)
-    assert parse_scheme(a.name()) == a
+    assert parse_args(a.name()) == a
 
 
 def test_scheme_errors_are_clear():
-    with pytest.raises(ConfigError, match="unknown scheme"):
-        parse_scheme("w4g")
+    with pytest.raises(ConfigError, match="unknown weight scheme"):
+        parse_args("w4g")
     with pytest.raises(ConfigError, match="symmetric only"):
         QuantArgs("nf4", symmetric=False, group_size=64)
     with pytest.raises(ConfigError, match="unknown field"):
@@ -111,10 +111,10 @@ def test_args_dict_round_trip():
 
 def test_block_size_lowering():
     shape = (576, 1536)
-    assert parse_scheme("w8").block_size(shape) == (1, 1536)
-    assert parse_scheme("w4g128").block_size(shape) == (1, 128)
-    assert parse_scheme("w4-tensor").block_size(shape) == shape
-    assert parse_scheme("w8b128x128").block_size(shape) == (128, 128)
+    assert parse_args("w8").block_size(shape) == (1, 1536)
+    assert parse_args("w4g128").block_size(shape) == (1, 128)
+    assert parse_args("w4-tensor").block_size(shape) == shape
+    assert parse_args("w8b128x128").block_size(shape) == (128, 128)
     assert QuantArgs("int8", granularity="token", group_size=None).block_size((2, 7, 64)) == (1, 1, 64)
 
 
@@ -162,7 +162,7 @@ def test_int_quantize_matches_reference(bits, group, symmetric):
 def test_ragged_last_group_uses_only_its_own_columns():
     w = torch.randn(4, 576)
     w[:, 512:] *= 0.01  # last (ragged) group is small; its scale must not see other columns
-    q = quantize(w, parse_scheme("w4g128"))
+    q = quantize(w, parse_args("w4g128"))
     assert q.scale.shape == (4, 5)
     expected = (w[:, 512:].abs().amax(1) / 7).half()
     assert torch.equal(q.scale[:, 4], expected)
@@ -182,7 +182,7 @@ def test_lookup_formats_pick_nearest_level():
 
 def test_fp8_matches_torch_cast():
     w = torch.randn(16, 48) * 3
-    q = quantize(w, parse_scheme("fp8"))
+    q = quantize(w, parse_args("fp8"))
     scale = q.expand(q.scale).float()
     expected = (w / scale).to(torch.float8_e4m3fn).float() * scale
     assert torch.equal(q.dequantize(), expected)
@@ -190,7 +190,7 @@ def test_fp8_matches_torch_cast():
 
 def test_block_2d_scales():
     w = torch.randn(100, 70)
-    args = parse_scheme("w8b32x32")
+    args = parse_args("w8b32x32")
     q = quantize(w, args)
     assert q.scale.shape == (4, 3)
     assert torch.equal(q.scale[3, 2], (w[96:, 64:].abs().max() / 127).half())
@@ -199,14 +199,14 @@ def test_block_2d_scales():
 @pytest.mark.parametrize("spec", ["w8", "w4g128", "w4g128-asym", "w3g128", "w2g64-asym", "nf4", "fp4", "fp8"])
 def test_fake_quantize_equals_dequantized_quantize(spec):
     w = torch.randn(64, 576)
-    args = parse_scheme(spec)
+    args = parse_args(spec)
     assert torch.equal(fake_quantize(w, args), quantize(w, args).dequantize())
 
 
 def test_zero_block_gives_zero_and_finite_scale():
     w = torch.zeros(2, 64)
     for spec in ("w4g32", "w4g32-asym", "nf4", "fp8"):
-        q = quantize(w, parse_scheme(spec))
+        q = quantize(w, parse_args(spec))
         assert torch.isfinite(q.scale.float()).all()
         assert torch.equal(q.dequantize(), w)
 
@@ -218,7 +218,7 @@ def test_zero_block_gives_zero_and_finite_scale():
 def test_rounding_noise_variance_is_scale_squared_over_12(spec):
     g = torch.Generator().manual_seed(1)
     w = torch.rand(256, 4096, generator=g) * 2 - 1  # spread over many quantization steps
-    q = quantize(w, parse_scheme(spec))
+    q = quantize(w, parse_args(spec))
     err = (q.dequantize() - w).double()
     scale = q.expand(q.scale).double()
     predicted = (scale**2 / 12).mean()
@@ -231,14 +231,14 @@ def test_rounding_noise_variance_is_scale_squared_over_12(spec):
 def test_tensors_metadata_round_trip_is_bit_exact():
     w = torch.randn(32, 200)
     for spec in ("w4g64-asym", "w3g128", "nf4", "fp8", "w8"):
-        q = quantize(w, parse_scheme(spec))
+        q = quantize(w, parse_args(spec))
         back = QuantizedTensor.from_tensors(q.tensors(), q.metadata())
         assert torch.equal(back.dequantize(), q.dequantize())
 
 
 def test_group_index_selects_scale_columns():
     w = torch.randn(4, 8)
-    q = quantize(w, parse_scheme("w4g4"))
+    q = quantize(w, parse_args("w4g4"))
     perm = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0], dtype=torch.int32)
     gi = QuantizedTensor(q.qdata, q.scale, None, q.format, q.block_size, q.shape, q.dtype, perm)
     expected = q.codes().float() * q.scale.float()[:, perm.long()]
@@ -247,8 +247,8 @@ def test_group_index_selects_scale_columns():
 
 def test_bits_per_weight_counts_scales_and_zero_points():
     w = torch.randn(576, 576)
-    sym = quantize(w, parse_scheme("w4g128"))
-    asym = quantize(w, parse_scheme("w4g128-asym"))
+    sym = quantize(w, parse_args("w4g128"))
+    asym = quantize(w, parse_args("w4g128-asym"))
     # 5 groups per row: 5 fp16 scales (+ 5 packed 4-bit zero points = 4 bytes with padding)
     assert math.isclose(sym.bits_per_weight, (576 * 288 + 576 * 5 * 2) * 8 / 576**2)
     assert math.isclose(asym.bits_per_weight, sym.bits_per_weight + 576 * 4 * 8 / 576**2)

@@ -4,7 +4,7 @@ round trips of what was fitted."""
 import pytest
 import torch
 
-from lowbit.core import QuantizedTensor, parse_scheme, quantize, to_blocks
+from lowbit.core import QuantizedTensor, parse_args, quantize, to_blocks
 from lowbit.core.formats import get_format
 from lowbit.errors import ConfigError
 from lowbit.methods import get_method
@@ -72,7 +72,7 @@ def fits(weights):
         key = (name, scheme, optimize_scale)
         if key not in cache:
             config = HQQConfig(optimize_scale=optimize_scale)
-            cache[key] = hqq_quantize(weights[name], parse_scheme(scheme), config)
+            cache[key] = hqq_quantize(weights[name], parse_args(scheme), config)
         return cache[key]
 
     return get
@@ -81,7 +81,7 @@ def fits(weights):
 @pytest.mark.parametrize("scheme", list(ZERO_ONLY_BOUND))
 @pytest.mark.parametrize("name", list(WEIGHTS))
 def test_hqq_beats_rtn_asymmetric(weights, fits, scheme, name):
-    w, args = weights[name], parse_scheme(scheme)
+    w, args = weights[name], parse_args(scheme)
     rtn = quantize(w, args)
     q, fit = fits(name, scheme)
     assert mse(w, q) / mse(w, rtn) < ZERO_ONLY_BOUND[scheme]
@@ -92,7 +92,7 @@ def test_hqq_beats_rtn_asymmetric(weights, fits, scheme, name):
 @pytest.mark.parametrize("scheme", list(SCALE_BOUND))
 @pytest.mark.parametrize("name", ["gauss-576x576", "t3-576x576"])
 def test_optimize_scale_lowers_the_error_further(weights, fits, scheme, name):
-    w, args = weights[name], parse_scheme(scheme)
+    w, args = weights[name], parse_args(scheme)
     rtn = mse(w, quantize(w, args))
     zero_only = mse(w, fits(name, scheme)[0])
     both = mse(w, fits(name, scheme, optimize_scale=True)[0])
@@ -101,7 +101,7 @@ def test_optimize_scale_lowers_the_error_further(weights, fits, scheme, name):
 
 
 def test_deterministic(weights, fits):
-    w, args = weights["t3-576x576"], parse_scheme("w3g128-asym")
+    w, args = weights["t3-576x576"], parse_args("w3g128-asym")
     a, fa = fits("t3-576x576", "w3g128-asym", optimize_scale=True)
     b, fb = hqq_quantize(w, args, HQQConfig(optimize_scale=True))
     assert torch.equal(a.qdata, b.qdata)
@@ -112,20 +112,20 @@ def test_deterministic(weights, fits):
 
 @pytest.mark.parametrize("scheme", ["w4g128-asym", "w2g64-asym", "w3g128", "nf4g64"])
 def test_dequantize_reproduces_the_fit_exactly(weights, fits, scheme):
-    w, args = weights["gauss-576x576"], parse_scheme(scheme)
+    w, args = weights["gauss-576x576"], parse_args(scheme)
     q, fit = fits("gauss-576x576", scheme)
     assert torch.equal(block_errors(w, q, args), fit.error)
     # and after a save / load of the tensors
     again = QuantizedTensor.from_tensors(q.tensors(), q.metadata())
     assert torch.equal(again.dequantize(), q.dequantize())
     result = get_method("hqq").quantize_weight(w, args)
-    assert result.loss == pytest.approx(float(fit.error.sum()) / w.numel(), rel=1e-5)
+    assert result.objective == pytest.approx(float(fit.error.sum()) / w.numel(), rel=1e-5)
 
 
 @pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
 def test_zero_point_is_a_float_in_the_scale_dtype(scale_dtype):
     w = gaussian((64, 576), 5)
-    args = parse_scheme("w4g128-asym").with_(scale_dtype=scale_dtype)
+    args = parse_args("w4g128-asym").with_(scale_dtype=scale_dtype)
     q, _ = hqq_quantize(w, args, HQQConfig())
     assert q.scale.dtype == q.zero_point.dtype == args.torch_scale_dtype
     assert q.zero_point.shape == q.scale.shape == (64, 5)
@@ -137,7 +137,7 @@ def test_zero_point_is_a_float_in_the_scale_dtype(scale_dtype):
 
 def test_keeps_the_weight_dtype():
     w = gaussian((32, 256), 6).to(torch.bfloat16)
-    q = get_method("hqq").quantize_weight(w, parse_scheme("w4g64-asym")).qweight
+    q = get_method("hqq").quantize_weight(w, parse_args("w4g64-asym")).qweight
     assert q.dtype == torch.bfloat16 and q.dequantize().dtype == torch.bfloat16
 
 
@@ -147,7 +147,7 @@ def test_ragged_last_group_ignores_padding(weights, fits):
     for optimize_scale in (False, True):
         whole, _ = fits("t3-576x576", "w3g128-asym", optimize_scale)
         config = HQQConfig(optimize_scale=optimize_scale)
-        tail, _ = hqq_quantize(w[:, 512:].contiguous(), parse_scheme("w3g64-asym"), config)
+        tail, _ = hqq_quantize(w[:, 512:].contiguous(), parse_args("w3g64-asym"), config)
         # equal on this CPU; the tolerance only allows another summation order elsewhere
         close = torch.testing.assert_close
         close(whole.scale[:, -1], tail.scale[:, 0], rtol=1e-3, atol=0)
@@ -164,7 +164,7 @@ SYMMETRIC_BOUND = {"w3g128": 0.57, "w4g128": 0.88, "nf4g64": 0.92, "fp4g32": 0.8
 
 @pytest.mark.parametrize("scheme", list(SYMMETRIC_BOUND))
 def test_symmetric_and_lookup_formats_fit_the_scale(weights, fits, scheme):
-    w, args = weights["gauss-576x576"], parse_scheme(scheme)
+    w, args = weights["gauss-576x576"], parse_args(scheme)
     rtn = quantize(w, args)
     q, fit = fits("gauss-576x576", scheme)
     assert q.zero_point is None and q.format == rtn.format
@@ -219,7 +219,7 @@ def reference_hqq(w, args, config):
 
 def test_matches_slow_per_group_reference():
     w = heavy_tailed((6, 200), 7)  # groups of 64: 64, 64, 64, 8
-    args = parse_scheme("w3g64-asym")
+    args = parse_args("w3g64-asym")
     q, _ = hqq_quantize(w, args, HQQConfig())
     ref_scale, ref_zero = reference_hqq(w, args, HQQConfig())
     torch.testing.assert_close(q.scale, ref_scale, rtol=1e-3, atol=0)
@@ -254,7 +254,7 @@ def test_fit_handles_constant_and_zero_groups():
     w[1] = 0.5
     w[2, :64] = -0.25
     w[3] = gaussian((128,), 9)
-    args = parse_scheme("w4g64-asym")
+    args = parse_args("w4g64-asym")
     q, fit = hqq_quantize(w, args, HQQConfig(optimize_scale=True))
     assert torch.isfinite(q.dequantize()).all()
     assert torch.all(fit.error <= block_errors(w, quantize(w, args), args))
@@ -263,7 +263,7 @@ def test_fit_handles_constant_and_zero_groups():
 
 def test_method_registry_and_config():
     method = get_method("hqq")
-    assert method.needs == "none"
+    assert method.needs == frozenset() and method.objective == "weight_mse"
     assert method.config == HQQConfig()
     assert get_method("hqq", {"iters": 5, "optimize_scale": True}).config.iters == 5
     with pytest.raises(ConfigError, match="unknown field"):
@@ -275,7 +275,7 @@ def test_method_registry_and_config():
 
 def test_zero_iterations_is_the_best_start():
     w = gaussian((64, 256), 10)
-    args = parse_scheme("w4g64-asym")
+    args = parse_args("w4g64-asym")
     q, fit = hqq_quantize(w, args, HQQConfig(iters=0))
     assert fit.steps == 0
     assert torch.all(fit.error <= block_errors(w, quantize(w, args), args))
@@ -284,7 +284,7 @@ def test_zero_iterations_is_the_best_start():
 
 def test_early_stop_ends_the_loop_and_running_on_only_adds_candidates():
     w = heavy_tailed((64, 576), 11)
-    args = parse_scheme("w2g64-asym")
+    args = parse_args("w2g64-asym")
     _, early = hqq_quantize(w, args, HQQConfig(iters=200))
     _, full = hqq_quantize(w, args, HQQConfig(iters=50, early_stop=False))
     assert early.steps < 50 and full.steps == 50

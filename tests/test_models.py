@@ -358,7 +358,7 @@ def test_bundled_missing_package_names_the_pip_command(monkeypatch):
     from dataclasses import replace
 
     record = replace(bundled.BUNDLED["gemma3-270m"], modules=("lowbit_no_such_module",))
-    monkeypatch.setitem(bundled.BUNDLED, "gemma3-270m", record)
+    monkeypatch.setattr(load, "get_bundled", {"gemma3-270m": record}.get)
     with pytest.raises(ModelLoadError) as err:
         resolve_model("gemma3-270m")
     message = _one_line(err)

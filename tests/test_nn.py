@@ -11,12 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.core import QuantizedTensor, get_format, pack, parse_scheme, quantize, unpack
+from lowbit.core import QuantizedTensor, get_format, pack, parse_args, quantize, unpack
 from lowbit.errors import ConfigError, LowbitError
 from lowbit.nn import KERNELS, KernelUnsupportedError, QuantizedLinear, get_kernel, set_kernel
-from lowbit.nn.kernels import (
-    INT4_GROUPS, int4_codes, int4_group, int4_scales_and_zeros, unpack_codes,
-)
+from lowbit.nn.kernels import INT4_GROUPS, int4_codes, int4_group, int4_scales_and_zeros, unpack_codes
 
 # (scheme, out_features, in_features)
 DEQUANT_CASES = [
@@ -55,7 +53,7 @@ def quantized(scheme: str, n: int, k: int, seed: int = 0) -> tuple[QuantizedTens
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(n, k, generator=g) * 0.05
     bias = torch.randn(n, generator=g) * 0.1
-    return quantize(weight, parse_scheme(scheme)), bias
+    return quantize(weight, parse_args(scheme)), bias
 
 
 def reference(qweight: QuantizedTensor, bias: torch.Tensor) -> nn.Linear:
@@ -283,7 +281,7 @@ def test_unsupported_kernel_names_the_reason(kernel, scheme, n, k, words):
 
 def test_unknown_kernel():
     qweight, _ = quantized("w4g64", 32, 128)
-    with pytest.raises(ConfigError, match="available: dequant"):
+    with pytest.raises(ConfigError, match="unknown kernel 'marlin'; available: .*dequant"):
         QuantizedLinear(qweight, kernel="marlin")
 
 
@@ -341,7 +339,7 @@ def quantize_linears(model: nn.Module, scheme_for) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name != "lm_head":
             parent_name, _, child = name.rpartition(".")
-            qweight = quantize(module.weight.data, parse_scheme(scheme_for(name)))
+            qweight = quantize(module.weight.data, parse_args(scheme_for(name)))
             setattr(model.get_submodule(parent_name), child, QuantizedLinear(qweight, module.bias))
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lowbit.core.args import QuantArgs, parse_scheme
+from lowbit.core.args import QuantArgs, parse_args
 from lowbit.core.quantize import fake_quantize, quantize
 from lowbit.errors import ConfigError
 from lowbit.methods import get_method
@@ -52,7 +52,7 @@ def test_registry_has_every_observer():
 
 
 def test_unknown_observer_lists_known_names():
-    with pytest.raises(ConfigError, match="known observers: .*minmax.*percentile"):
+    with pytest.raises(ConfigError, match="unknown observer .*available: .*minmax.*percentile"):
         get_observer("minmaxx", QuantArgs())
 
 
@@ -71,7 +71,7 @@ def test_unknown_option_is_a_config_error():
 ])
 def test_invalid_option_values(name, options):
     with pytest.raises(ConfigError):
-        get_observer(name, parse_scheme("w8-tensor"), **options)
+        get_observer(name, parse_args("w8-tensor"), **options)
 
 
 def test_options_are_declared_once_in_the_signature():
@@ -84,12 +84,12 @@ def test_options_are_declared_once_in_the_signature():
 @pytest.mark.parametrize("name", NAMES)
 def test_range_before_any_data_is_a_config_error(name):
     with pytest.raises(ConfigError, match="no data"):
-        get_observer(name, parse_scheme("w8-tensor")).range()
+        get_observer(name, parse_args("w8-tensor")).range()
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_grid_change_is_a_config_error(name):
-    observer = get_observer(name, parse_scheme("w8"))  # per-channel: one block per row
+    observer = get_observer(name, parse_args("w8"))  # per-channel: one block per row
     observer.update(torch.randn(4, 64))
     with pytest.raises(ConfigError, match="grid changed"):
         observer.update(torch.randn(5, 64))
@@ -97,7 +97,7 @@ def test_grid_change_is_a_config_error(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_per_tensor_streams_accept_any_batch_size(name):
-    args = parse_scheme("w8-tensor")
+    args = parse_args("w8-tensor")
     observer = stream(name, args, [torch.randn(n, 32) for n in (3, 17, 8)])
     lo, hi = observer.range()
     assert lo.shape == hi.shape == (1, 1)
@@ -106,9 +106,9 @@ def test_per_tensor_streams_accept_any_batch_size(name):
 
 def test_kl_rejects_groups_and_non_integer_formats():
     with pytest.raises(ConfigError, match="tensor, channel, token"):
-        get_observer("kl", parse_scheme("w4g128"))
+        get_observer("kl", parse_args("w4g128"))
     with pytest.raises(ConfigError, match="integer format"):
-        get_observer("kl", parse_scheme("nf4g64").with_(granularity="tensor", group_size=None))
+        get_observer("kl", parse_args("nf4g64").with_(granularity="tensor", group_size=None))
 
 
 # -- streaming invariants -----------------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_kl_rejects_groups_and_non_integer_formats():
 
 @pytest.mark.parametrize("scheme", ["w8-tensor", "w4g16-asym"])
 def test_minmax_ten_batches_equal_one(scheme):
-    args = parse_scheme(scheme)
+    args = parse_args(scheme)
     batches = [student_t((8, 40), 2, seed) for seed in range(10)]
     if args.granularity == "tensor":
         whole = torch.cat(batches)
@@ -135,7 +135,7 @@ def test_minmax_ten_batches_equal_one(scheme):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_does_not_grow_with_batches(name):
-    args = parse_scheme("w8-tensor")
+    args = parse_args("w8-tensor")
 
     def state_size(updates):
         observer = stream(name, args, [torch.randn(64, 128) for _ in range(updates)])
@@ -147,7 +147,7 @@ def test_state_does_not_grow_with_batches(name):
 
 
 def test_moving_average_follows_its_formula():
-    args = parse_scheme("w8-tensor")
+    args = parse_args("w8-tensor")
     batches = [torch.randn(16, 32) * (1 + i) for i in range(6)]
     observer = stream("moving_average", args, batches, momentum=0.8)
     lo, hi = batches[0].min(), batches[0].max()
@@ -162,7 +162,7 @@ def test_moving_average_follows_its_formula():
 
 @pytest.mark.parametrize("name", ["percentile", "mse", "kl"])
 def test_streams_are_deterministic(name):
-    args = parse_scheme("w4-tensor")
+    args = parse_args("w4-tensor")
     batches = [student_t((32, 64), 2, seed) for seed in range(5)]
     a, b = stream(name, args, batches).range(), stream(name, args, batches).range()
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -244,7 +244,7 @@ def test_mse_choice_is_the_brute_force_minimum_per_block():
     """The vectorised search over all blocks (with a ragged last group) reaches, for every block,
     the least error of quantizing that block alone with each candidate range."""
     w = student_t((6, 40), 3, seed=1)
-    args = parse_scheme("w3g16-asym")
+    args = parse_args("w3g16-asym")
     steps, min_ratio = 25, 0.2
     lo, hi = stream("mse", args, [w], steps=steps, min_ratio=min_ratio).range()
     one_block = args.with_(granularity="tensor", group_size=None)
@@ -268,7 +268,7 @@ def test_mse_choice_is_the_brute_force_minimum_per_block():
 @pytest.mark.parametrize("name", ["percentile", "kl"])
 @pytest.mark.parametrize("scheme", ["w8-tensor", "w4-tensor", "w8-tensor-asym"])
 def test_clipping_observers_narrow_the_range_and_help_the_bulk(name, scheme):
-    args = parse_scheme(scheme)
+    args = parse_args(scheme)
     batches = [student_t((256, 64), 2, seed) for seed in range(10)]
     x = torch.cat(batches)
     bulk = central(x)
@@ -279,7 +279,7 @@ def test_clipping_observers_narrow_the_range_and_help_the_bulk(name, scheme):
 
 
 def test_asymmetric_percentile_is_two_sided():
-    args = parse_scheme("w8-tensor-asym")
+    args = parse_args("w8-tensor-asym")
     x = torch.cat([student_t((4000,), 2, 0).abs() + 1.0, torch.tensor([-0.5])])  # one low outlier
     lo, hi = stream("percentile", args, [x], percentile=99.9).range()
     torch.testing.assert_close(lo.squeeze(), torch.quantile(x, 0.001))
@@ -287,7 +287,7 @@ def test_asymmetric_percentile_is_two_sided():
 
 
 def test_percentile_stream_is_close_to_the_exact_single_update():
-    args = parse_scheme("w8-tensor-asym")
+    args = parse_args("w8-tensor-asym")
     batches = [student_t((128, 64), 3, seed) for seed in range(10)]
     exact = stream("percentile", args, [torch.cat(batches)], percentile=99.9).range()
     streamed = stream("percentile", args, batches, percentile=99.9).range()
@@ -297,7 +297,7 @@ def test_percentile_stream_is_close_to_the_exact_single_update():
 
 
 def test_kl_keeps_nearly_the_whole_range_of_uniform_data():
-    args = parse_scheme("w8-tensor")
+    args = parse_args("w8-tensor")
     batches = [torch.rand(64, 64, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in range(5)]
     _, hi = stream("kl", args, batches).range()
     assert float(hi) > 0.9  # nothing to gain from clipping a distribution with no tail
@@ -305,7 +305,7 @@ def test_kl_keeps_nearly_the_whole_range_of_uniform_data():
 
 @pytest.mark.parametrize("scheme", ["w4g16", "w4g16-asym", "w3", "nf4g16", "w8-tensor", "fp4g32"])
 def test_mse_is_never_worse_than_minmax_on_one_update(scheme):
-    args = parse_scheme(scheme)
+    args = parse_args(scheme)
     w = student_t((24, 200), 2, seed=3)  # 200 columns: a ragged last group
     lo, hi = stream("mse", args, [w]).range()
     mse_error = squared_error(w, args, lo, hi)
@@ -318,7 +318,7 @@ def test_mse_is_never_worse_than_minmax_on_one_update(scheme):
 
 @pytest.mark.parametrize("scheme", ["w4-tensor", "w8-tensor-asym"])
 def test_mse_stream_beats_minmax_on_heavy_tails(scheme):
-    args = parse_scheme(scheme)
+    args = parse_args(scheme)
     batches = [student_t((128, 64), 3, seed) for seed in range(10)]
     x = torch.cat(batches)
     observer = stream("mse", args, batches)
@@ -328,7 +328,7 @@ def test_mse_stream_beats_minmax_on_heavy_tails(scheme):
 
 
 def test_qparams_are_those_quantize_uses():
-    args = parse_scheme("w4g32-asym")
+    args = parse_args("w4g32-asym")
     w = student_t((8, 96), 2, seed=4)
     observer = stream("mse", args, [w])
     scale, zero_point = observer.qparams()
@@ -343,6 +343,6 @@ def test_rtn_with_mse_scheme_beats_minmax_on_a_realistic_weight(bits):
     rows = torch.rand(576, 1, generator=g) + 0.5  # rows of different scale
     w = 0.02 * rows * student_t((576, 576), 4, seed=7)
     rtn = get_method("rtn")
-    plain = rtn.quantize_weight(w, parse_scheme(f"w{bits}g128")).loss
-    searched = rtn.quantize_weight(w, parse_scheme(f"w{bits}g128-mse")).loss
+    plain = rtn.quantize_weight(w, parse_args(f"w{bits}g128")).objective
+    searched = rtn.quantize_weight(w, parse_args(f"w{bits}g128-mse")).objective
     assert searched < 0.95 * plain

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
 import typer
+from click.core import ParameterSource
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from lowbit import defaults
 from lowbit.errors import ConfigError, LowbitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -23,19 +29,57 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that the same clean-up runs as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While the command runs, SIGTERM raises Terminated (a second one is ignored, so that the
+    clean-up it started can finish); the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _error(message: str) -> None:
+    """One ``error:`` line; the message is user text, never markup."""
+    err_console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False,
+                      soft_wrap=True)
+
+
 def friendly(fn):
-    """Errors a user can cause end in one line, not a traceback."""
+    """Errors a user can cause end in one line, not a traceback; an interrupt (Ctrl-C, SIGTERM)
+    removes what was being written."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_interrupts():
+                return fn(*args, **kwargs)
         except LowbitError as e:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            _error(str(e))
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted; no output was written")
-            raise typer.Exit(130) from None
+        except OSError as e:  # the file system refused something the user named
+            from lowbit.outputs import describe_os_error
+
+            _error(describe_os_error(e))
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt as e:
+            terminated = isinstance(e, Terminated)
+            err_console.print(f"{'terminated' if terminated else 'interrupted'}; no output was written",
+                              highlight=False, markup=False)
+            raise typer.Exit(143 if terminated else 130) from None
 
     return wrapper
 
@@ -51,71 +95,149 @@ def _setup(quiet: bool) -> bool:
     return not quiet
 
 
-def _parse_options(options: list[str]) -> dict:
+def _parse_options(options: list[str]) -> dict[str, str]:
+    """``key=value`` pairs as text: each method converts a value by its option's type
+    (``lowbit.core.records.from_dict``), so ``optimize_scale=False`` is False."""
     out = {}
     for item in options:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--option {item!r}: write it as key=value, e.g. --option dampening=0.05")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        if key in out:
+            raise ConfigError(f"--option {key} is given twice")
+        out[key] = value.strip()
     return out
 
 
-def _build_recipe(scheme, method, recipe_file, options, ignore, targets):
-    from lowbit.recipe import Recipe
+_RECIPE_FIELDS = ("scheme", "method", "option", "ignore", "targets")
+
+
+def _build_recipe(ctx: typer.Context, scheme, method, recipe_file, options, ignore, targets):
+    """The recipe of a ``quantize`` command, validated (stages, options, observers, patterns).
+
+    A recipe file holds the whole plan, so it cannot be combined with the options that make
+    one. ``--ignore`` adds to the default ignore list (lm_head), it does not replace it."""
+    from lowbit.recipe import DEFAULT_IGNORE, Recipe
 
     if recipe_file is not None:
+        given = [f"--{name}" for name in _RECIPE_FIELDS
+                 if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+        if given:
+            raise ConfigError(
+                f"--recipe holds the scheme, method, options and layer selection; {', '.join(given)} "
+                "would be ignored: put them in the recipe file or drop --recipe"
+            )
         return Recipe.from_file(recipe_file)
     fields = {"scheme": scheme, "method": method, "method_options": _parse_options(options)}
-    if ignore:
-        fields["ignore"] = tuple(ignore)
+    fields["ignore"] = tuple(DEFAULT_IGNORE) + tuple(p for p in ignore if p not in DEFAULT_IGNORE)
     if targets:
         fields["targets"] = tuple(targets)
     return Recipe(**fields)
 
 
+def _check_device(device: str | None):
+    """The torch device ``--device`` names, if this machine has it (ConfigError otherwise)."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    if dev.type == "mps":
+        available, count = torch.backends.mps.is_available(), None
+    else:
+        available = bool(getattr(backend, "is_available", lambda: False)())
+        count = getattr(backend, "device_count", None)
+    if not available:
+        raise ConfigError(f"--device {device}: this PyTorch ({torch.__version__}) has no usable "
+                          f"{dev.type} device; use --device cpu, or install a PyTorch built for {dev.type}")
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise ConfigError(f"--device {device}: there are {count()} {dev.type} device(s), numbered from 0")
+    return dev
+
+
+def _source_paths(spec: str) -> list[Path]:
+    """What a model spec reads, for the output-path check, without loading or converting it:
+    the path itself when it exists, and the model caches (lowbit's, the Hugging Face hub's)."""
+    from huggingface_hub import constants
+
+    from lowbit.models.bundled import get_bundled
+    from lowbit.models.load import cache_root
+
+    paths = [cache_root(), Path(constants.HF_HUB_CACHE)]
+    path = Path(spec).expanduser()
+    if get_bundled(spec) is None and path.exists():
+        paths.append(path)
+    return paths
+
+
+def _min_output_bytes(spec: str) -> int:
+    """A lower bound on a quantized model's size: 1/16 of a local float checkpoint (2-bit codes
+    of float32 weights); 0 when the source is not a local folder yet."""
+    from lowbit.models.bundled import get_bundled
+    from lowbit.models.load import cache_root
+
+    folder = cache_root() / spec if get_bundled(spec) is not None else Path(spec).expanduser()
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) // 16
+
+
 @app.command()
 @friendly
 def quantize(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="bundled name (smollm2-135m, gemma3-270m), HF folder, .gguf file or hub id"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (must not exist unless --overwrite)"),
-    scheme: str = typer.Option("w4a16", help="scheme: w8, w4g128, w4g128-asym, w3g128, w2g64-asym, nf4, fp8, ..."),
-    method: str = typer.Option("rtn", help="rtn, gptq, awq or hqq"),
-    recipe: Optional[Path] = typer.Option(None, help="a recipe JSON file (overrides --scheme/--method)"),
+    scheme: str = typer.Option(defaults.SCHEME, help="scheme: w8, w4g128, w4g128-asym, w3g128, w2g64-asym, nf4, fp8, ..."),
+    method: str = typer.Option(defaults.METHOD, help="rtn, gptq, awq or hqq"),
+    recipe: Optional[Path] = typer.Option(None, help="a recipe JSON file (instead of --scheme/--method/--option/--ignore/--targets)"),
     option: list[str] = typer.Option([], "--option", help="method option key=value (repeatable)"),
-    ignore: list[str] = typer.Option([], help="layer name or re:pattern to keep in float (repeatable; default lm_head)"),
+    ignore: list[str] = typer.Option([], help="layer name or re:pattern to keep in float, besides lm_head (repeatable)"),
     targets: list[str] = typer.Option([], help="layer name or re:pattern to quantize (repeatable; default all linears)"),
-    calib: str = typer.Option("wiki", help="calibration text: wiki, lee, a .txt/.jsonl file or a hub dataset"),
-    samples: int = typer.Option(128, help="calibration samples"),
-    seq_len: int = typer.Option(512, help="tokens per calibration sample"),
-    seed: int = typer.Option(0, help="calibration sampling seed"),
-    batch_size: int = typer.Option(8, help="calibration samples per forward pass"),
+    calib: str = typer.Option(defaults.CALIBRATION_SOURCE, help="calibration text: wiki, lee, a .txt/.jsonl file or a hub dataset"),
+    samples: int = typer.Option(defaults.CALIBRATION_SAMPLES, help="calibration samples"),
+    seq_len: int = typer.Option(defaults.CALIBRATION_SEQ_LEN, help="tokens per calibration sample"),
+    seed: int = typer.Option(defaults.CALIBRATION_SEED, help="calibration sampling seed"),
+    batch_size: int = typer.Option(defaults.BATCH_SIZE, help="calibration samples per forward pass"),
     lazy: bool = typer.Option(True, help="read layer weights from disk only when needed (--no-lazy loads the whole model)"),
     device: Optional[str] = typer.Option(None, help="compute device for each layer, e.g. cuda"),
     low_memory: bool = typer.Option(False, help="return freed memory to the system at once: lower peak, slower (docs/results.md)"),
-    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder that lowbit wrote (nothing else)"),
+    keep_nonfinite_float: bool = typer.Option(False, "--keep-nonfinite-float", help="keep a linear whose weights or scales are NaN/Inf in float (listed in the report) instead of refusing"),
     quiet: bool = typer.Option(False, help="no progress bars or info logs"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
     """Quantize MODEL and save it to --out."""
     from lowbit import io
     from lowbit.data.calibration import CalibrationSpec
+    from lowbit.data.text import documents
+    from lowbit.outputs import check_output
     from lowbit.quantize import quantize_pretrained
 
     progress = _setup(quiet or as_json)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"output {out} already exists; choose another path or pass --overwrite")
-    r = _build_recipe(scheme, method, recipe, option, ignore, targets)
+    # The whole request is checked before any model is read.
+    r = _build_recipe(ctx, scheme, method, recipe, option, ignore, targets)
+    spec = CalibrationSpec(source=calib, num_samples=samples, seq_len=seq_len, seed=seed)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    dev = _check_device(device)
+    out = check_output(out, overwrite=overwrite, sources=_source_paths(model),
+                       need_bytes=_min_output_bytes(model))
+    documents(spec.source, spec.split)  # an unreadable calibration text fails now (it is cached)
     if low_memory:
         from lowbit.memory import serve_large_blocks_with_mmap
 
         serve_large_blocks_with_mmap()
-    spec = CalibrationSpec(source=calib, num_samples=samples, seq_len=seq_len, seed=seed)
     qmodel, tokenizer, report = quantize_pretrained(
-        model, r, spec, lazy=lazy, batch_size=batch_size, device=device, progress=progress
+        model, r, spec, lazy=lazy, batch_size=batch_size, device=dev, progress=progress,
+        on_nonfinite="float" if keep_nonfinite_float else "error",
     )
     from lowbit.memory import peak_rss_mb
 
@@ -127,34 +249,36 @@ def quantize(
         "out": str(path), "model": model, "scheme": r.scheme.name(), "method": r.method,
         "layers": len(report.layers), "bits_per_weight": round(report.bits_per_weight, 3),
         "seconds": round(report.seconds, 1), "peak_rss_mb": report.extra["peak_rss_mb"],
+        "kept_float": list(getattr(report, "kept_float", [])),
     }
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
+        for kept in summary["kept_float"]:
+            err_console.print(f"warning: kept in float: {kept}", highlight=False, markup=False)
         console.print(
             f"quantized {summary['layers']} layers of {model} with {r.method} {r.scheme.name()} "
             f"({summary['bits_per_weight']} bits/weight) in {summary['seconds']} s, "
             f"peak memory {summary['peak_rss_mb']:.0f} MB -> {path}",
-            highlight=False,
+            highlight=False, markup=False,
         )
 
 
 def _load_any(spec: str):
-    """A lowbit folder, or any model spec the loader accepts (float baseline)."""
+    """A lowbit folder, or any model spec the loader accepts (float baseline); either is refused
+    if a weight holds NaN or Inf."""
     from lowbit import io
     from lowbit.models.load import load_model
 
     if Path(spec).is_dir() and _is_lowbit(Path(spec)):
         return io.load(spec)
-    return load_model(spec)
+    return load_model(spec, check_finite=True)
 
 
 def _is_lowbit(folder: Path) -> bool:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return (config.get("quantization_config") or {}).get("quant_method") == "lowbit"
+    from lowbit.outputs import is_lowbit_output
+
+    return is_lowbit_output(folder)
 
 
 def _size_row(spec: str) -> tuple[float, float]:
@@ -175,20 +299,32 @@ def _size_row(spec: str) -> tuple[float, float]:
 def eval_(
     model: str = typer.Argument(..., help="a quantized lowbit folder (or any model spec)"),
     baseline: str = typer.Option(..., help="the original model (bundled name, folder, .gguf or hub id)"),
-    source: str = typer.Option("wiki", help="evaluation text (its evaluation split)"),
-    tokens: int = typer.Option(4096, help="evaluation tokens (whole windows)"),
-    window: int = typer.Option(512, help="tokens per window"),
+    source: str = typer.Option(defaults.EVAL_SOURCE, help="evaluation text (its evaluation split)"),
+    tokens: int = typer.Option(defaults.EVAL_TOKENS, help="evaluation tokens (whole windows)"),
+    window: int = typer.Option(defaults.EVAL_WINDOW, help="tokens per window"),
     stride: Optional[int] = typer.Option(None, help="window stride (default: the window; smaller scores with extra context)"),
     quiet: bool = typer.Option(False, help="no progress bars or info logs"),
     as_json: bool = typer.Option(False, "--json", help="print the same content as JSON"),
 ):
     """Measure MODEL against --baseline: size, bits/weight, perplexity, KL divergence, top-1."""
     from lowbit.data.calibration import evaluation_tokens
-    from lowbit.eval.metrics import compare_models
+    from lowbit.data.text import documents
+    from lowbit.eval.metrics import check_window, compare_models, config_differences
 
     progress = _setup(quiet or as_json)
+    check_window(window, stride)
+    if tokens < 2:
+        raise ConfigError(f"--tokens must be at least 2, got {tokens}")
+    documents(source, "evaluation")  # an unreadable text fails before the models load
     qmodel, tokenizer = _load_any(model)
     ref, _ = _load_any(baseline)
+    differences = config_differences(qmodel, ref)
+    if differences:
+        err_console.print(
+            f"warning: {model} and {baseline} differ in architecture ({'; '.join(differences[:4])}): "
+            "the baseline is not the model it was quantized from, so the scores compare unrelated models",
+            highlight=False, markup=False, soft_wrap=True,
+        )
     ids = evaluation_tokens(tokenizer, source=source, max_tokens=tokens)
     r = compare_models(qmodel, ref, ids, window=window, stride=stride, progress=progress)
     q_mb, q_bits = _size_row(model)
@@ -206,12 +342,12 @@ def eval_(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table(title=f"fidelity on {r.num_scored} {source} tokens (window {r.window}, stride {r.stride})")
+    table = Table(title=escape(f"fidelity on {r.num_scored} {source} tokens (window {r.window}, stride {r.stride})"))
     for col in ("model", "size MB", "bits/weight", "perplexity", "ppl change", "mean KL", "KL p99", "top-1"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for row in rows:
         table.add_row(
-            row["model"], f"{row['size_mb']:.1f}",
+            escape(row["model"]), f"{row['size_mb']:.1f}",
             "float" if row["bits_per_weight"] is None else f"{row['bits_per_weight']:.2f}",
             f"{row['perplexity']:.3f}", f"{row['ppl_change_pct']:+.2f}%", f"{row['mean_kl']:.4f}",
             f"{row['p99_kl']:.4f}", f"{row['top1_agreement']:.3f}",
@@ -232,13 +368,14 @@ def inspect(
     if as_json:
         print(json.dumps(info.to_dict(), indent=2))
         return
-    table = Table(title=f"{folder}: {len(info.layers)} quantized layers")
-    for col in ("layer", "format", "block", "zero point", "shape", "KB", "bits/weight"):
-        table.add_column(col, justify="left" if col in ("layer", "format") else "right")
+    table = Table(title=escape(f"{folder}: {len(info.layers)} quantized layers"))
+    for col in ("layer", "format", "block", "zero point", "shape", "KB", "bits/weight", "activations"):
+        table.add_column(col, justify="left" if col in ("layer", "format", "activations") else "right")
     for layer in info.layers:
         table.add_row(
-            layer.name, layer.format, "x".join(map(str, layer.block_size)), layer.zero_point or "-",
+            escape(layer.name), layer.format, "x".join(map(str, layer.block_size)), layer.zero_point or "-",
             "x".join(map(str, layer.shape)), f"{layer.bytes / 1e3:.1f}", f"{layer.bits_per_weight:.3f}",
+            layer.activations(),
         )
     console.print(table)
     console.print(
@@ -247,46 +384,51 @@ def inspect(
         f"total {info.file_bytes / 1e6:.2f} MB",
         highlight=False,
     )
+    stages = [s.get("name") for s in (info.recipe or {}).get("stages") or []]
+    if stages:
+        console.print(f"stages: {' -> '.join(stages)}", highlight=False, markup=False)
 
 
 @app.command()
 @friendly
 def compare(
     model: str = typer.Argument(..., help="bundled name, HF folder, .gguf file or hub id"),
-    methods: str = typer.Option("rtn,hqq,gptq,awq", help="comma-separated methods"),
+    methods: str = typer.Option("rtn,hqq,gptq,awq", help="comma-separated methods, e.g. rtn,gptq,awq+gptq"),
     scheme: str = typer.Option("w4g128", help="comma-separated schemes, e.g. w4g128,w3g128"),
-    calib: str = typer.Option("wiki", help="calibration text (shared by every method)"),
-    samples: int = typer.Option(128, help="calibration samples"),
-    seq_len: int = typer.Option(512, help="tokens per calibration sample"),
-    seed: int = typer.Option(0, help="calibration sampling seed"),
-    source: str = typer.Option("wiki", help="evaluation text (its evaluation split)"),
-    tokens: int = typer.Option(4096, help="evaluation tokens"),
-    window: int = typer.Option(512, help="tokens per evaluation window"),
-    keep: Optional[Path] = typer.Option(None, help="keep the quantized models in this folder"),
+    calib: str = typer.Option(defaults.CALIBRATION_SOURCE, help="calibration text (shared by every method)"),
+    samples: int = typer.Option(defaults.CALIBRATION_SAMPLES, help="calibration samples"),
+    seq_len: int = typer.Option(defaults.CALIBRATION_SEQ_LEN, help="tokens per calibration sample"),
+    seed: int = typer.Option(defaults.CALIBRATION_SEED, help="calibration sampling seed"),
+    source: str = typer.Option(defaults.EVAL_SOURCE, help="evaluation text (its evaluation split)"),
+    tokens: int = typer.Option(defaults.EVAL_TOKENS, help="evaluation tokens"),
+    window: int = typer.Option(defaults.EVAL_WINDOW, help="tokens per evaluation window"),
+    keep: Path | None = typer.Option(None, help="keep the quantized models in this folder"),
     quiet: bool = typer.Option(False, help="no progress bars or info logs"),
     as_json: bool = typer.Option(False, "--json", help="print the same content as JSON"),
 ):
-    """Quantize MODEL with several methods on the same data and print one table."""
-    from lowbit.compare import compare as run_compare, rows_to_dicts
+    """Quantize MODEL with several methods on the same data, each in its own process, and print
+    one table: size, time, peak memory, layer output error and fidelity to MODEL."""
+    from lowbit.compare import compare_methods, rows_to_dicts
+    from lowbit.data.calibration import CalibrationSpec
 
     progress = _setup(quiet or as_json)
-    quantize_args = ["--calib", calib, "--samples", str(samples), "--seq-len", str(seq_len),
-                     "--seed", str(seed)]
-    rows, meta = run_compare(
-        model, _split(scheme), _split(methods), quantize_args=quantize_args, source=source,
-        tokens=tokens, window=window, keep=keep, progress=progress,
+    spec = CalibrationSpec(source=calib, num_samples=samples, seq_len=seq_len, seed=seed)
+    rows, meta = compare_methods(
+        model, _split(scheme), _split(methods), spec, source=source, tokens=tokens, window=window,
+        keep=keep, progress=progress,
     )
     if as_json:
         print(json.dumps({**meta, "rows": rows_to_dicts(rows)}, indent=2))
         return
     table = Table(title=f"{model}: {meta['tokens_scored']} {source} tokens, baseline perplexity "
                         f"{meta['baseline_perplexity']:.3f}; calibration {samples} x {seq_len} {calib}")
-    for col in ("scheme", "method", "bits/weight", "MB", "time s", "peak MB", "perplexity",
-                "ppl change", "mean KL", "KL p99", "top-1"):
+    for col in ("scheme", "method", "bits/weight", "MB", "time s", "peak MB", "output error",
+                "perplexity", "ppl change", "mean KL", "KL p99", "top-1"):
         table.add_column(col, justify="left" if col in ("scheme", "method") else "right")
     for r in rows:
+        output_error = "-" if r.output_error is None else f"{r.output_error:.4f}"
         table.add_row(r.scheme, r.method, f"{r.bits_per_weight:.3f}", f"{r.quantized_mb:.1f}",
-                      f"{r.seconds:.0f}", f"{r.peak_rss_mb:.0f}", f"{r.perplexity:.3f}",
+                      f"{r.seconds:.1f}", f"{r.peak_rss_mb:.0f}", output_error, f"{r.perplexity:.3f}",
                       f"{r.ppl_change_pct:+.1f}%", f"{r.mean_kl:.4f}", f"{r.p99_kl:.3f}",
                       f"{r.top1_agreement:.3f}")
     console.print(table)

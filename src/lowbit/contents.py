@@ -7,13 +7,13 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safetensors import safe_open
+from lowbit.core.args import QuantArgs
+from lowbit.core.tensor import QuantizedTensor
+from lowbit.errors import ModelLoadError
+from lowbit.io import read_quantization_config, verify_files
+from lowbit.pipeline.lazy import read_header, weight_files
 
-from lowbit.io import read_quantization_config
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_PARTS = ("qdata", "scale", "zero_point", "group_index")
+_PARTS = QuantizedTensor.STORED_FIELDS
 
 
 @dataclass
@@ -25,10 +25,19 @@ class LayerInfo:
     shape: list[int]
     params: int
     bytes: int
+    input_activations: dict | None = None
+    output_activations: dict | None = None
 
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.bytes / self.params
+
+    def activations(self) -> str:
+        """How the activations are quantized, e.g. ``in: int8 token dynamic``; '-' if not."""
+        parts = [f"{side}: {QuantArgs.from_dict(args).describe()}"
+                 for side, args in (("in", self.input_activations), ("out", self.output_activations))
+                 if args]
+        return "; ".join(parts) or "-"
 
 
 @dataclass
@@ -64,30 +73,39 @@ class ModelInfo:
             "bits_per_weight": round(self.bits_per_weight, 4),
             "recipe": self.recipe,
             "layers": [
-                {**asdict(layer), "bits_per_weight": round(layer.bits_per_weight, 4)}
+                {**asdict(layer), "bits_per_weight": round(layer.bits_per_weight, 4),
+                 "activations": layer.activations()}
                 for layer in self.layers
             ],
         }
 
 
 def tensor_bytes(folder: Path) -> dict[str, int]:
-    """Stored bytes of every tensor in the folder's safetensors files."""
+    """Stored bytes of every tensor in the folder's safetensors files (checked headers: a
+    missing, truncated or garbled file raises ModelLoadError)."""
     out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            for key in f.keys():
-                s = f.get_slice(key)
-                out[key] = math.prod(s.get_shape()) * _DTYPE_BYTES[s.get_dtype()]
+    for file in weight_files(folder):
+        entries, _ = read_header(file)
+        out.update({name: e.end - e.begin for name, e in entries.items()})
     return out
 
 
 def inspect_folder(folder: str | Path) -> ModelInfo:
     folder = Path(folder)
     qc = read_quantization_config(folder)
+    verify_files(folder, qc, digests=False)
     sizes = tensor_bytes(folder)
     layers = []
     for name, meta in qc["layers"].items():
+        if f"{name}.qdata" not in sizes or f"{name}.scale" not in sizes:
+            raise ModelLoadError(f"{folder}: quantized layer {name} has no stored codes or scales; "
+                                 "the checkpoint is incomplete: quantize again")
         nbytes = sum(sizes.pop(f"{name}.{p}", 0) for p in _PARTS)
-        layers.append(LayerInfo(name, meta["format"], meta["block_size"], meta["zero_point"],
-                                meta["shape"], math.prod(meta["shape"]), nbytes))
+        try:
+            layers.append(LayerInfo(name, meta["format"], meta["block_size"], meta["zero_point"],
+                                    meta["shape"], math.prod(meta["shape"]), nbytes,
+                                    meta.get("input_activations"), meta.get("output_activations")))
+        except (KeyError, TypeError):
+            raise ModelLoadError(f"{folder}/config.json describes layer {name} badly; the file is "
+                                 "corrupt: quantize again") from None
     return ModelInfo(str(folder), layers, sum(sizes.values()), qc.get("recipe"))

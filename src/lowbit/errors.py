@@ -15,3 +15,11 @@ class ModelLoadError(LowbitError):
 
 class UnsupportedArchitectureError(ModelLoadError):
     """The model's architecture has no mapping in lowbit."""
+
+
+class OutputError(LowbitError):
+    """The output path cannot be written, or writing it would destroy something."""
+
+
+class NonFiniteError(LowbitError):
+    """A weight, scale or model output holds NaN or Inf."""

@@ -1,8 +1,9 @@
 """The verb: ``quantize(model, recipe, calibration)``.
 
 Quantizes a loaded model in place (its ``nn.Linear`` layers become ``QuantizedLinear``), layer
-by layer. ``quantize_pretrained`` does the same from a model spec, optionally loading weights
-lazily so that only one decoder layer is in float precision at a time.
+by layer, running the recipe's stages (``lowbit.pipeline.layerwise``). ``quantize_pretrained``
+does the same from a model spec, optionally loading weights lazily so that only one decoder
+layer is in float precision at a time.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lowbit.data.calibration import BATCH_SIZE
 from lowbit.errors import ConfigError
-from lowbit.methods.base import Target, get_method
+from lowbit.methods.base import Target
 from lowbit.models.arch import Architecture, get_architecture
-from lowbit.nn.linear import QuantizedLinear
-from lowbit.pipeline.layerwise import LayerReport, quantize_layers
+from lowbit.pipeline.layerwise import LayerReport, Plan, install, quantize_layers, quantize_target
 from lowbit.pipeline.lazy import Checkpoint
 from lowbit.recipe import Recipe
 
@@ -28,6 +29,8 @@ class QuantizeReport:
     layers: list[LayerReport]
     seconds: float
     calibration: dict | None = None
+    kept_float: list[dict] = field(default_factory=list)
+    """Linears left in float because of non-finite values, with the reason."""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -36,12 +39,21 @@ class QuantizeReport:
         total = sum(r.params for r in self.layers)
         return sum(r.bits_per_weight * r.params for r in self.layers) / max(1, total)
 
+    @property
+    def mean_output_error(self) -> float | None:
+        """Mean over linears of the relative output error (None without calibration)."""
+        errors = [r.output_error for r in self.layers if r.output_error is not None]
+        return sum(errors) / len(errors) if errors else None
+
     def to_dict(self) -> dict:
+        mean = self.mean_output_error
         return {
             "recipe": self.recipe.to_dict(),
             "seconds": round(self.seconds, 3),
             "bits_per_weight": round(self.bits_per_weight, 4),
+            "mean_output_error": None if mean is None else round(mean, 6),
             "calibration": self.calibration,
+            "kept_float": list(self.kept_float),
             "layers": [vars(r) for r in self.layers],
             **self.extra,
         }
@@ -57,14 +69,14 @@ def select_targets(
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        args = recipe.scheme_for(name)
-        if args is None:
+        scheme = recipe.scheme_for(name)
+        if scheme is None:
             continue
         if name.startswith(prefix):
             index, _, local = name[len(prefix):].partition(".")
-            inside.setdefault(int(index), []).append(Target(name, local, module, args))
+            inside.setdefault(int(index), []).append(Target(name, local, module, scheme.weights, scheme))
         else:
-            outside.append(Target(name, name, module, args))
+            outside.append(Target(name, name, module, scheme.weights, scheme))
     return inside, outside
 
 
@@ -73,23 +85,28 @@ def quantize(
     recipe: Recipe,
     calibration: torch.Tensor | None = None,
     *,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     device: str | torch.device | None = None,
     checkpoint: Checkpoint | None = None,
+    on_nonfinite: str = "error",
     progress: bool = True,
 ) -> QuantizeReport:
     """Quantize ``model`` in place following ``recipe``.
 
-    calibration: token ids ``(samples, seq_len)`` for methods that need data (GPTQ, AWQ).
+    calibration: token ids ``(samples, seq_len)``: needed by GPTQ and AWQ; with data-free methods
+    it is used only to measure each linear's output error.
     device: where each layer is computed (default: where the model is); layers return to the
     model's device afterwards.
     checkpoint: for a lazily loaded model (``lowbit.pipeline.lazy.lazy_model``).
+    on_nonfinite: ``"error"`` refuses a NaN/inf weight or scale, naming the tensor; ``"float"``
+    keeps that linear in float and lists it in ``QuantizeReport.kept_float``.
     """
     arch = get_architecture(model)
-    method = get_method(recipe.method, recipe.method_options)
-    if method.needs != "none" and calibration is None:
+    plan = Plan.from_stages(recipe.build_stages(), measure_error=calibration is not None,
+                            on_nonfinite=on_nonfinite)
+    if plan.needs_data and calibration is None:
         raise ConfigError(
-            f"method {method.name} needs calibration data: pass calibration token ids "
+            f"method {recipe.method} needs calibration data: pass calibration token ids "
             "(see lowbit.data.calibration_tokens)"
         )
     inside, outside = select_targets(model, arch, recipe)
@@ -98,28 +115,25 @@ def quantize(
             "no linear layer matches the recipe (targets "
             f"{list(recipe.targets)}, ignore {list(recipe.ignore)}); check the patterns"
         )
-    if outside and method.needs != "none":
+    if outside and plan.needs_data:
         names = ", ".join(t.name for t in outside)
         raise ConfigError(
-            f"{names} lies outside the decoder layers, where {method.name} has no calibration "
+            f"{names} lies outside the decoder layers, where {recipe.method} has no calibration "
             "inputs; add it to ignore or quantize it with rtn or hqq"
         )
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
     start = time.perf_counter()
     reports = quantize_layers(
-        model, arch, inside, method, calibration=calibration, batch_size=batch_size,
+        model, arch, inside, plan, calibration=calibration, batch_size=batch_size,
         device=device, offload_device=home, checkpoint=checkpoint,
         dtype=_float_dtype(model), progress=progress,
     )
     for t in outside:
-        weight = t.module.weight.data
-        result = method.quantize_weight(weight, t.args, None)
-        bias = t.module.bias.data if t.module.bias is not None else None
-        model.set_submodule(t.name, QuantizedLinear(result.qweight, bias))
-        reports.append(LayerReport(t.name, t.args.name(), result.loss,
-                                   result.qweight.bits_per_weight, result.qweight.numel))
-    return QuantizeReport(recipe, reports, time.perf_counter() - start)
+        result = quantize_target(plan, t, None)
+        if result is not None:
+            reports.append(install(model, t, result, None, plan))
+    return QuantizeReport(recipe, reports, time.perf_counter() - start, kept_float=plan.kept_float)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -142,14 +156,16 @@ def quantize_pretrained(
     calibration=None,
     *,
     lazy: bool = True,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    on_nonfinite: str = "error",
     progress: bool = True,
 ):
     """Load ``model_spec`` (bundled name, folder, GGUF file or hub id) and quantize it.
 
-    calibration: a ``lowbit.data.CalibrationSpec`` (or None for data-free methods).
+    calibration: a ``lowbit.data.CalibrationSpec``, or None (data-free methods only). Data-free
+    methods given one use it to measure each linear's output error.
     lazy: read decoder-layer weights from safetensors only when the pipeline reaches them.
     Returns (model, tokenizer, report). The source checkpoint is only read.
     """
@@ -166,12 +182,10 @@ def quantize_pretrained(
         model, checkpoint = lazy_model(source.folder, arch.layers, dtype)
     else:
         model, _ = load_model(model_spec, dtype=dtype)
-    tokens = None
-    if calibration is not None and get_method(recipe.method, recipe.method_options).needs != "none":
-        tokens = calibration_tokens(calibration, tokenizer)
+    tokens = None if calibration is None else calibration_tokens(calibration, tokenizer)
     report = quantize(
         model, recipe, tokens, batch_size=batch_size, device=device, checkpoint=checkpoint,
-        progress=progress,
+        on_nonfinite=on_nonfinite, progress=progress,
     )
     if tokens is not None:
         report.calibration = calibration.to_dict()

@@ -1,10 +1,16 @@
-"""Recipe: which linear layers get which scheme, and by which method.
+"""Recipe: which linear layers get which scheme, and the ordered stages that quantize them.
 
 Layer selection uses exact module names or ``re:`` regular expressions (full match against the
 module name). ``overrides`` is an ordered plan of (pattern, scheme): the first match wins, so a
 mixed-precision plan is just a longer list. ``ignore`` wins over everything; ``lm_head`` and all
 embeddings stay in high precision by default (embeddings are not ``nn.Linear`` and are never
 selected).
+
+``method`` names the stages, joined by ``+``: transforms that keep the model's function (AWQ's
+scales) followed by one weight quantizer (``rtn``, ``gptq``, ``hqq``, ``awq_clip``). ``awq``
+alone is ``awq_scale+awq_clip``; ``awq+gptq`` is ``awq_scale+gptq``. ``method_options`` go to
+every stage whose options have that name, or to one stage with ``stage.option`` (e.g.
+``gptq.act_order``). Everything is validated when the recipe is built, before any model loads.
 """
 
 from __future__ import annotations
@@ -14,32 +20,55 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit.core.args import QuantArgs, parse_scheme
 from lowbit.core.names import check_patterns, name_matches
+from lowbit.core.scheme import Scheme, parse_scheme
 from lowbit.errors import ConfigError
+from lowbit.methods.base import Stage, resolve_stages, stage_names
+from lowbit.observers import OBSERVERS
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+DEFAULT_IGNORE = ("lm_head",)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    scheme: QuantArgs = field(default_factory=lambda: parse_scheme("w4a16"))
+    scheme: Scheme = field(default_factory=lambda: parse_scheme("W4A16"))
     method: str = "rtn"
     method_options: dict[str, Any] = field(default_factory=dict)
     targets: tuple[str, ...] = ("re:.*",)
-    ignore: tuple[str, ...] = ("lm_head",)
-    overrides: tuple[tuple[str, QuantArgs], ...] = ()
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    overrides: tuple[tuple[str, Scheme], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "scheme", parse_scheme(self.scheme))
-        object.__setattr__(self, "targets", tuple(self.targets))
-        object.__setattr__(self, "ignore", tuple(self.ignore))
-        object.__setattr__(
-            self, "overrides", tuple((p, parse_scheme(s)) for p, s in self.overrides)
-        )
+        object.__setattr__(self, "targets", _patterns(self.targets, "targets"))
+        object.__setattr__(self, "ignore", _patterns(self.ignore, "ignore"))
+        if not isinstance(self.method_options, dict):
+            raise ConfigError(f"method_options must be a mapping, got {self.method_options!r}")
+        try:
+            overrides = tuple((p, parse_scheme(s)) for p, s in self.overrides)
+        except (TypeError, ValueError):
+            raise ConfigError("overrides must be a list of [pattern, scheme] pairs") from None
+        object.__setattr__(self, "overrides", overrides)
         check_patterns(self.targets + self.ignore + tuple(p for p, _ in self.overrides), "recipe")
+        object.__setattr__(self, "method", "+".join(stage_names(self.method)) if "+" in self.method
+                           else self.method.strip().lower())
+        self.build_stages()  # unknown stages or options fail here, not after loading a model
+        for scheme in (self.scheme, *(s for _, s in self.overrides)):
+            for args in (scheme.weights, scheme.input_activations, scheme.output_activations):
+                if args is not None and not args.dynamic:
+                    OBSERVERS.get(args.observer)
 
-    def scheme_for(self, name: str) -> QuantArgs | None:
+    @property
+    def stages(self) -> list[str]:
+        """The stage names, in the order they run."""
+        return stage_names(self.method)
+
+    def build_stages(self) -> list[Stage]:
+        """Fresh stage objects with their options."""
+        return resolve_stages(self.method, self.method_options)
+
+    def scheme_for(self, name: str) -> Scheme | None:
         """The scheme for linear layer ``name``, or None if it stays in high precision."""
         if any(name_matches(p, name) for p in self.ignore):
             return None
@@ -56,34 +85,60 @@ class Recipe:
             "scheme": self.scheme.to_dict(),
             "method": self.method,
             "method_options": dict(self.method_options),
+            "stages": [{"name": s.name, "kind": s.kind, "options": s.options()} for s in self.build_stages()],
             "targets": list(self.targets),
             "ignore": list(self.ignore),
             "overrides": [[p, s.to_dict()] for p, s in self.overrides],
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Recipe":
+    def from_dict(cls, data: dict) -> Recipe:
+        """A recipe from its dict (version 1 or 2). ``stages``, as written by ``to_dict``, is
+        what ``method`` and ``method_options`` resolve to and is checked against them."""
         if not isinstance(data, dict):
             raise ConfigError("a recipe must be a JSON object")
         data = dict(data)
         version = data.pop("version", RECIPE_VERSION)
-        if version != RECIPE_VERSION:
+        if version not in (1, RECIPE_VERSION):
             raise ConfigError(f"recipe version {version} is not supported (expected {RECIPE_VERSION})")
-        allowed = {"scheme", "method", "method_options", "targets", "ignore", "overrides"}
+        allowed = {"scheme", "method", "method_options", "targets", "ignore", "overrides", "stages"}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ConfigError(f"recipe: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        stages = data.pop("stages", None)
         if "overrides" in data:
-            data["overrides"] = tuple(tuple(o) for o in data["overrides"])
-        return cls(**data)
+            if not isinstance(data["overrides"], list):
+                raise ConfigError("recipe overrides must be a list of [pattern, scheme] pairs")
+            data["overrides"] = tuple(tuple(o) if isinstance(o, list) else o for o in data["overrides"])
+        recipe = cls(**data)
+        if stages is not None:
+            names = [s.get("name") if isinstance(s, dict) else s for s in stages]
+            if names != recipe.stages:
+                raise ConfigError(f"recipe stages {names} do not match method {recipe.method!r} "
+                                  f"({recipe.stages}); give one of them")
+        return recipe
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Recipe":
+    def from_file(cls, path: str | Path) -> Recipe:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"recipe file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"recipe file {path} cannot be read: {e}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"recipe file {path} is not valid JSON: {e}") from None
         return cls.from_dict(data)
+
+
+def _patterns(value, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        value = tuple(value)
+    except TypeError:
+        raise ConfigError(f"recipe {what} must be a list of names or re: patterns") from None
+    if not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"recipe {what} must be a list of names or re: patterns, got {list(value)}")
+    return value

@@ -1,4 +1,6 @@
-"""QuantArgs: how one tensor is quantized (format, symmetry, granularity), and named schemes.
+"""QuantArgs: how one tensor is quantized (format, symmetry, granularity), and the short
+weight grammar (``w4g128-asym``, ``nf4``, ...). A ``Scheme`` (``lowbit.core.scheme``) puts
+QuantArgs for weights and activations together.
 
 Every granularity lowers to one block-size tuple (``QuantArgs.block_size(shape)``): a block of
 elements shares one scale (and zero point). Blocks that do not divide a dimension leave a ragged
@@ -31,7 +33,10 @@ class QuantArgs:
     block_shape: tuple[int, int] | None = None
     scale_dtype: str = "float16"
     observer: str = "minmax"
-    """Range estimator for the scales (see ``lowbit.observers``)."""
+    """Range estimator for the scales (see ``lowbit.observers``); static scales only."""
+    dynamic: bool = False
+    """Activations only: scales computed from each tensor at run time (per token with
+    granularity 'token'), no observer. Weights are always static."""
 
     def __post_init__(self):
         fmt = get_format(self.format)  # raises on unknown names
@@ -57,6 +62,8 @@ class QuantArgs:
                 raise ConfigError(f"block granularity needs block_shape=(rows, cols), got {bs}")
         elif self.block_shape is not None:
             raise ConfigError("block_shape is only valid with granularity 'block'")
+        if not isinstance(self.dynamic, bool):
+            raise ConfigError(f"dynamic must be true or false, got {self.dynamic!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ConfigError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
 
@@ -104,9 +111,17 @@ class QuantArgs:
             head += "-tensor"
         if not self.symmetric:
             head += "-asym"
-        if self.observer != "minmax":
+        if self.observer != "minmax" and not self.dynamic:
             head += f"-{self.observer}"
         return head
+
+    def describe(self) -> str:
+        """Format, granularity and how scales are found, e.g. ``int8 token dynamic``."""
+        fmt = self.format if self.symmetric else f"{self.format} asym"
+        grain = f"group {self.group_size}" if self.granularity == "group" else self.granularity
+        if self.granularity == "block":
+            grain = f"block {self.block_shape[0]}x{self.block_shape[1]}"
+        return f"{fmt} {grain} " + ("dynamic" if self.dynamic else f"static ({self.observer})")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -119,16 +134,8 @@ class QuantArgs:
         return replace(self, **changes)
 
 
-# Named schemes. "wN" alone means per-channel; compressed-tensors' W4A16 is int4 group 128.
-PRESETS: dict[str, QuantArgs] = {
-    "w8a16": QuantArgs("int8", granularity="channel", group_size=None),
-    "w4a16": QuantArgs("int4", group_size=128),
-    "w4a16-asym": QuantArgs("int4", symmetric=False, group_size=128),
-    "nf4": QuantArgs("nf4", group_size=64),
-    "fp4": QuantArgs("fp4", group_size=32),
-    "fp8": QuantArgs("fp8_e4m3", granularity="channel", group_size=None),
-    "fp8_e5m2": QuantArgs("fp8_e5m2", granularity="channel", group_size=None),
-}
+# Weight formats whose bare name means groups of this size (bitsandbytes' NF4 blocks of 64).
+DEFAULT_GROUP = {"nf4": 64, "fp4": 32}
 
 _GRAMMAR = re.compile(
     r"^(?:w(?P<bits>[2-8])|(?P<fmt>nf4|fp4|fp8_e4m3|fp8_e5m2|fp8))"
@@ -136,24 +143,25 @@ _GRAMMAR = re.compile(
     r"(?P<asym>-asym)?(?:-(?P<observer>[a-z_]+))?$"
 )
 
-SCHEME_HELP = (
-    "a preset (" + ", ".join(PRESETS) + ") or wBITS[gGROUP][-asym][-OBSERVER], e.g. w8, w4g128, "
-    "w4g64-asym, w3g128, w2g64-asym, nf4g64, fp8, w4g128-mse"
+ARGS_HELP = (
+    "wBITS[gGROUP|bROWSxCOLS|-tensor][-asym][-OBSERVER], nf4[gGROUP], fp4[gGROUP], fp8_e4m3, "
+    "fp8_e5m2; e.g. w8, w4g128, w4g64-asym, w3g128, w2g64-asym, nf4g64, w4g128-mse"
 )
 
 
-def parse_scheme(spec: str | dict | QuantArgs) -> QuantArgs:
-    """A scheme from a preset name, the short grammar, a dict, or a QuantArgs."""
+def parse_args(spec: str | dict | QuantArgs) -> QuantArgs:
+    """QuantArgs from the short grammar (``ARGS_HELP``; a bare ``wN`` is per channel), a dict,
+    or a QuantArgs."""
     if isinstance(spec, QuantArgs):
         return spec
     if isinstance(spec, dict):
         return QuantArgs.from_dict(spec)
+    if not isinstance(spec, str):
+        raise ConfigError(f"a quantization scheme must be a string or a mapping, got {spec!r}")
     key = spec.strip().lower()
-    if key in PRESETS:
-        return PRESETS[key]
     m = _GRAMMAR.match(key)
     if not m:
-        raise ConfigError(f"unknown scheme {spec!r}: use {SCHEME_HELP}")
+        raise ConfigError(f"unknown weight scheme {spec!r}: use {ARGS_HELP}")
     fmt = f"int{m['bits']}" if m["bits"] else ("fp8_e4m3" if m["fmt"] == "fp8" else m["fmt"])
     fields: dict = {"format": fmt, "symmetric": m["asym"] is None}
     if m["group"]:
@@ -162,8 +170,8 @@ def parse_scheme(spec: str | dict | QuantArgs) -> QuantArgs:
         fields.update(granularity="block", group_size=None, block_shape=(int(m["brow"]), int(m["bcol"])))
     elif m["tensor"]:
         fields.update(granularity="tensor", group_size=None)
-    elif fmt in ("nf4", "fp4"):
-        fields.update(granularity="group", group_size=PRESETS[fmt].group_size)
+    elif fmt in DEFAULT_GROUP:
+        fields.update(granularity="group", group_size=DEFAULT_GROUP[fmt])
     else:
         fields.update(granularity="channel", group_size=None)
     if m["observer"]:

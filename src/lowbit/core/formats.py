@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.core.registry import Registry
 from lowbit.errors import ConfigError
 
 # NF4 levels: quantiles of N(0, 1) normalised to [-1, 1] with an exact zero, as published in
@@ -77,14 +78,12 @@ class NumberFormat:
         return torch.tensor(self.levels, dtype=dtype, device=device)
 
 
-FORMATS: dict[str, NumberFormat] = {}
+FORMATS: Registry[NumberFormat] = Registry("number format")
 
 
 def register_format(fmt: NumberFormat) -> NumberFormat:
-    if fmt.name in FORMATS:
-        raise ValueError(f"format {fmt.name} is already registered")
-    FORMATS[fmt.name] = fmt
-    return fmt
+    """Add ``fmt`` under its name (a name registered twice raises ValueError)."""
+    return FORMATS.add(fmt.name, fmt)
 
 
 for _b in range(2, 9):
@@ -97,9 +96,5 @@ register_format(NumberFormat("fp8_e5m2", 8, "float", float_dtype=torch.float8_e5
 
 
 def get_format(name: str) -> NumberFormat:
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown number format {name!r}; known formats: {', '.join(sorted(FORMATS))}"
-        ) from None
+    """The format called ``name``; an unknown name is a ConfigError listing the known ones."""
+    return FORMATS.get(name)

@@ -39,6 +39,13 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self._items))}"
             ) from None
 
+    def remove(self, name: str) -> T:
+        """Take ``name`` out again (tests register temporary entries)."""
+        return self._items.pop(name)
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -55,6 +56,9 @@ class QuantizedTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     group_index: torch.Tensor | None = None
+
+    STORED_FIELDS: ClassVar[tuple[str, ...]] = ("qdata", "scale", "zero_point", "group_index")
+    """The tensor fields, in the order they are stored (``tensors()``)."""
 
     @classmethod
     def from_codes(

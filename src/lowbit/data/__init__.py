@@ -1,11 +1,6 @@
 """Text sources, deterministic calibration / evaluation splits, and token sets."""
 
-from lowbit.data.calibration import (
-    CalibrationSpec,
-    calibration_tokens,
-    evaluation_tokens,
-    tokenize_documents,
-)
+from lowbit.data.calibration import CalibrationSpec, calibration_tokens, evaluation_tokens, tokenize_documents
 from lowbit.data.text import BUNDLED, SPLITS, DataError, documents, strip_wiki_markup
 
 __all__ = [

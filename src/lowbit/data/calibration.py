@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit import defaults
 from lowbit.core.records import from_dict, to_dict
 from lowbit.data.text import SPLITS, DataError, documents
+from lowbit.defaults import BATCH_SIZE  # noqa: F401 (lowbit.quantize imports it from here)
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +27,11 @@ DOCUMENT_SEPARATOR = "\n\n"
 class CalibrationSpec:
     """Which calibration tokens to use; the same spec and tokenizer give the same tokens."""
 
-    source: str = "wiki"
+    source: str = defaults.CALIBRATION_SOURCE
     """'wiki', 'lee', a .txt / .jsonl path, or a hub dataset id (see lowbit.data.text)."""
-    num_samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
+    num_samples: int = defaults.CALIBRATION_SAMPLES
+    seq_len: int = defaults.CALIBRATION_SEQ_LEN
+    seed: int = defaults.CALIBRATION_SEED
     split: str = "calibration"
 
     def __post_init__(self):
@@ -79,7 +81,7 @@ def calibration_tokens(spec: CalibrationSpec, tokenizer) -> torch.Tensor:
 
 
 def evaluation_tokens(
-    tokenizer, source: str = "wiki", max_tokens: int | None = None
+    tokenizer, source: str = defaults.EVAL_SOURCE, max_tokens: int | None = None
 ) -> torch.Tensor:
     """``(1, n)``: the evaluation split of ``source`` as one token stream, cut to ``max_tokens``."""
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):

@@ -12,6 +12,9 @@ Metrics, over the scored positions t (N of them), with p = reference, q = model:
 - mean KL: 1/N * sum_t KL(p_t || q_t), KL(p || q) = sum_v p(v) (log p(v) - log q(v)), from
   float32 log-softmax; the 99th percentile of the per-position KL shows the tail.
 - top-1 agreement: fraction of positions where argmax_v q_t(v) == argmax_v p_t(v).
+
+A model whose logits hold NaN or Inf on any scored window raises NonFiniteError: a perplexity of
+``nan`` is never reported as a result.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from lowbit import defaults
 from lowbit.core.records import to_dict
-from lowbit.errors import ConfigError
+from lowbit.errors import ConfigError, NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,9 @@ class Window:
     score_from: int
 
 
-def windows(tokens: torch.Tensor, window: int = 512, stride: int | None = None) -> Iterator[Window]:
+def windows(
+    tokens: torch.Tensor, window: int = defaults.EVAL_WINDOW, stride: int | None = None
+) -> Iterator[Window]:
     """The windows over ``tokens`` ((n,) or (1, n)) with the scoring rule of this module;
     ``stride`` defaults to ``window`` (disjoint windows)."""
     stream = _as_stream(tokens)
@@ -94,14 +100,15 @@ class FidelityReport:
 
 @torch.inference_mode()
 def perplexity(
-    model, tokens: torch.Tensor, window: int = 512, stride: int | None = None, progress: bool = True
+    model, tokens: torch.Tensor, window: int = defaults.EVAL_WINDOW, stride: int | None = None,
+    progress: bool = True,
 ) -> PerplexityResult:
     """Token-level perplexity of ``model`` on ``tokens`` with sliding windows (module docstring)."""
     stride = _check_window(window, stride)
     _check_model(model, window)
     nll_sums, count = [], 0  # sums stay on the model's device: no host sync per window
-    for win in _progress(tokens, window, stride, progress, "perplexity"):
-        logits = _score_logits(model, win)
+    for number, win in enumerate(_progress(tokens, window, stride, progress, "perplexity")):
+        logits = _score_logits(model, win, "the model", number)
         targets = win.input_ids[0, win.score_from:].to(logits.device)
         for rows in _chunks(logits.shape[0]):
             nll_sums.append(_target_nll(torch.log_softmax(logits[rows].float(), -1), targets[rows]))
@@ -112,7 +119,7 @@ def perplexity(
 
 @torch.inference_mode()
 def compare_models(
-    model, reference, tokens: torch.Tensor, window: int = 512, stride: int | None = None,
+    model, reference, tokens: torch.Tensor, window: int = defaults.EVAL_WINDOW, stride: int | None = None,
     progress: bool = True,
 ) -> FidelityReport:
     """Perplexity of both models, KL(P_reference || P_model) and top-1 agreement, window by window.
@@ -130,9 +137,9 @@ def compare_models(
             "compare models that share a tokenizer"
         )
     nll_model, nll_ref, agree, kl_parts = [], [], [], []
-    for win in _progress(tokens, window, stride, progress, "fidelity"):
-        ref_logits = _score_logits(reference, win)
-        logits = _score_logits(model, win).to(ref_logits.device)
+    for number, win in enumerate(_progress(tokens, window, stride, progress, "fidelity")):
+        ref_logits = _score_logits(reference, win, "the reference", number)
+        logits = _score_logits(model, win, "the model", number).to(ref_logits.device)
         if logits.shape[-1] != ref_logits.shape[-1]:
             raise ConfigError(
                 f"logit widths differ (model {logits.shape[-1]}, "
@@ -189,11 +196,18 @@ def quantile(values: torch.Tensor, q: float) -> float:
     return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
 
 
-def _score_logits(model, win: Window) -> torch.Tensor:
-    """Logits predicting the scored targets: positions score_from-1 .. L-2 of the window, (S, V)."""
+def _score_logits(model, win: Window, who: str = "the model", number: int = 0) -> torch.Tensor:
+    """Logits predicting the scored targets: positions score_from-1 .. L-2 of the window, (S, V);
+    NonFiniteError if any is NaN or Inf."""
     ids = win.input_ids.to(_device(model))
-    logits = model(input_ids=ids, use_cache=False).logits
-    return logits[0, win.score_from - 1 : -1]
+    logits = model(input_ids=ids, use_cache=False).logits[0, win.score_from - 1 : -1]
+    if not bool(torch.isfinite(logits).all()):
+        kind = "NaN" if bool(logits.isnan().any()) else "Inf"
+        raise NonFiniteError(
+            f"{who} yields {kind} logits (window {number + 1}): its weights hold NaN/Inf or its "
+            "activations overflow its dtype; no score is meaningful"
+        )
+    return logits
 
 
 def _progress(tokens, window: int, stride: int, progress: bool, desc: str):
@@ -221,6 +235,41 @@ def _as_stream(tokens: torch.Tensor) -> torch.Tensor:
         f"tokens must have shape (n,) or (1, n), got {tuple(tokens.shape)}; "
         "concatenate the text into one stream"
     )
+
+
+CONFIG_FIELDS = (
+    "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "max_position_embeddings", "rope_theta", "tie_word_embeddings", "sliding_window",
+    "layer_types", "hidden_act",
+)
+"""Config fields that a quantized model shares with the model it was made from."""
+
+
+def config_differences(model, reference) -> list[str]:
+    """The architecture fields (``CONFIG_FIELDS``) in which two models' configs differ, as
+    ``"field model-value vs reference-value"``; empty for a model and its quantized copy."""
+    configs = []
+    for m in (model, reference):
+        config = getattr(m, "config", None)
+        configs.append(getattr(config, "get_text_config", lambda c=config: c)() if config is not None else None)
+    if any(c is None for c in configs):
+        return []
+    out = []
+    for name in CONFIG_FIELDS:
+        a, b = (getattr(c, name, None) for c in configs)
+        if isinstance(a, tuple):
+            a = list(a)
+        if isinstance(b, tuple):
+            b = list(b)
+        if a != b:
+            out.append(f"{name} {a} vs {b}")
+    return out
+
+
+def check_window(window: int, stride: int | None) -> int:
+    """The stride to use (``window`` when None), after checking both (ConfigError)."""
+    return _check_window(window, stride)
 
 
 def _check_window(window: int, stride: int | None) -> int:

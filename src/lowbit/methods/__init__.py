@@ -1,10 +1,11 @@
-"""Weight quantization methods, registered by name (``get_method``)."""
+"""Recipe stages (transforms and weight quantizers), registered by name (``resolve_stages``)."""
 
 from lowbit.methods.base import (
-    METHODS, HessianStats, InputStats, LayerResult, Method, Target, get_method, register_method,
+    STAGES, STATISTICS, HessianStats, InputStats, LayerResult, LinearStats, Quantizer, Stage,
+    Target, Transform, get_method, register_stage, resolve_stages, stage_names,
 )
 
 __all__ = [
-    "METHODS", "HessianStats", "InputStats", "LayerResult", "Method", "Target", "get_method",
-    "register_method",
+    "STAGES", "STATISTICS", "HessianStats", "InputStats", "LayerResult", "LinearStats", "Quantizer",
+    "Stage", "Target", "Transform", "get_method", "register_stage", "resolve_stages", "stage_names",
 ]

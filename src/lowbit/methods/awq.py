@@ -1,6 +1,10 @@
 """AWQ: activation-aware scales, then weight clipping, then round-to-nearest (Lin et al., 2023,
 "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration").
 
+Two stages: ``awq_scale`` (a transform: returns the scales, which the pipeline folds through the
+architecture's mappings) and ``awq_clip`` (a weight quantizer: clip search, then RTN). The
+one-word method ``awq`` is both; ``awq+gptq`` is the scales followed by GPTQ.
+
 Scales (section 3.2, eq. 4-5). For a ``ScaleMapping`` smooth -> balance with shared inputs X
 (rows x, K channels), per-input-channel scales s > 0 are chosen to minimise
 
@@ -11,7 +15,8 @@ over the family s(alpha) = mean|x|^alpha / mean|w|^(1 - alpha), alpha = i / n_gr
 block absmax), normalised as s / sqrt(max(s) * min(s)). ``duo_scaling=False`` uses
 s = mean|x|^alpha (the paper's eq. 5), so alpha = 0 is s = 1. s = 1 is always evaluated first
 and only a strictly lower loss replaces it, so the search is never worse than RTN on L.
-The best s is folded exactly (``lowbit.models.fold``): smooth output / s, balance columns * s.
+The pipeline folds the best s exactly (``lowbit.models.fold``): smooth output / s, balance
+columns * s.
 
 Clipping (the authors' code; not in the paper's text). Per quantization block (output row x
 input group), the min-max range is shrunk by the ratio r in linspace(1, min_clip_ratio, clip_grid)
@@ -21,8 +26,8 @@ on at most ``max_clip_tokens`` input rows.
 Symbols in code: x = X (rows, K), x_mean = mean|x| over all calibration rows, w_mean = mean|w|
 after block normalisation, s = scales, d = Q_r(W) - W.
 
-The reported loss of each linear is || Q(W) X^T - W X^T ||^2 / (out_features * rows) on the
-(scaled) input sample.
+``awq_clip``'s objective (``output_mse``) is || Q(W) X^T - W X^T ||^2 / (out_features * rows) on
+the (scaled) input sample.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lowbit.core.args import QuantArgs
 from lowbit.core.blocks import expand_blocks
@@ -40,10 +44,10 @@ from lowbit.core.names import check_patterns, name_matches
 from lowbit.core.quantize import block_range, fake_quantize, quantize
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.errors import ConfigError
-from lowbit.methods.base import InputStats, LayerResult, Method, Target, register_method
+from lowbit.methods.base import (
+    DEFAULT_INPUT_ROWS, LayerResult, LinearStats, Quantizer, Target, Transform, register_stage,
+)
 from lowbit.methods.rtn import observed_quantize
-from lowbit.models.arch import Architecture, ScaleMapping
-from lowbit.models.fold import fold_scales, skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +55,28 @@ log = logging.getLogger(__name__)
 _EPS = 1e-4
 
 
+def _check_positive_ints(config, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"awq {name} must be an integer >= 1, got {value!r}")
+
+
 @dataclass(frozen=True)
-class AWQConfig:
+class AWQScaleConfig:
     n_grid: int = 20
     """Grid points for alpha: i / n_grid, i < n_grid."""
     duo_scaling: bool = True
     """s = mean|x|^a / mean|w|^(1-a); False: s = mean|x|^a."""
+    max_input_rows: int = DEFAULT_INPUT_ROWS
+    """Input rows the pipeline keeps per linear group for the scale search."""
+
+    def __post_init__(self):
+        _check_positive_ints(self, ("n_grid", "max_input_rows"))
+
+
+@dataclass(frozen=True)
+class AWQClipConfig:
     clip: bool = True
     """Search a clipping ratio per quantization block; False: the scheme's observer range."""
     clip_skip: tuple[str, ...] = ("re:.*q_proj", "re:.*k_proj")
@@ -68,14 +88,11 @@ class AWQConfig:
     """Clip ratios tried: linspace(1.0, min_clip_ratio, clip_grid)."""
     min_clip_ratio: float = 0.5
     """Smallest fraction of the min-max range the clip search tries."""
-    max_input_rows: int = 4096
-    """Input rows the pipeline keeps per linear group for the scale search."""
+    max_input_rows: int = DEFAULT_INPUT_ROWS
+    """Input rows the pipeline keeps per linear group (the clip search strides over them)."""
 
     def __post_init__(self):
-        for name in ("n_grid", "clip_grid", "max_clip_tokens", "max_input_rows"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"awq {name} must be an integer >= 1, got {value!r}")
+        _check_positive_ints(self, ("clip_grid", "max_clip_tokens", "max_input_rows"))
         if not 0 < self.min_clip_ratio <= 1:
             raise ConfigError(f"awq min_clip_ratio must be in (0, 1], got {self.min_clip_ratio}")
         object.__setattr__(self, "clip_skip", tuple(self.clip_skip))
@@ -130,7 +147,7 @@ def scaled_loss(gram: torch.Tensor, weights: list[tuple[torch.Tensor, QuantArgs]
 @torch.no_grad()
 def search_scales(
     x: torch.Tensor, x_mean: torch.Tensor, weights: list[tuple[torch.Tensor, QuantArgs]],
-    n_grid: int = AWQConfig.n_grid, duo_scaling: bool = AWQConfig.duo_scaling,
+    n_grid: int = AWQScaleConfig.n_grid, duo_scaling: bool = AWQScaleConfig.duo_scaling,
 ) -> ScaleSearch:
     """The s (module docstring) minimising L over the alpha grid, or s = 1 if none beats it.
     ``x``: input sample (rows, K); ``x_mean``: mean|x| per channel (K,); ``weights``: the
@@ -182,7 +199,7 @@ def block_errors(d: torch.Tensor, grams: torch.Tensor, block_rows: int) -> torch
 @torch.no_grad()
 def search_clip(
     weight: torch.Tensor, x: torch.Tensor, args: QuantArgs,
-    n_ratios: int = AWQConfig.clip_grid, min_ratio: float = AWQConfig.min_clip_ratio,
+    n_ratios: int = AWQClipConfig.clip_grid, min_ratio: float = AWQClipConfig.min_clip_ratio,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block range ``(xmin, xmax)`` (shape of ``block_range``): the min-max range times the
     ratio in linspace(1, min_ratio, n_ratios) with the least || d_block X_block^T ||^2.
@@ -213,71 +230,46 @@ def output_error(weight: torch.Tensor, qweight: QuantizedTensor, x: torch.Tensor
     return float((x @ d.t()).pow(2).sum()) / (w.shape[0] * max(1, x.shape[0]))
 
 
-# -- the method --------------------------------------------------------------------------------
+# -- the stages --------------------------------------------------------------------------------
 
 
-@register_method
-class AWQ(Method):
-    name = "awq"
-    needs = "inputs"
-    Config = AWQConfig
+@register_stage
+class AWQScale(Transform):
+    """The scale search; the pipeline folds what it returns."""
 
-    def __init__(self, config=None):
-        super().__init__(config)
-        self._reported: set[ScaleMapping] = set()  # skipped mappings already logged
+    name = "awq_scale"
+    needs = frozenset({"inputs"})
+    Config = AWQScaleConfig
 
-    def quantize_weight(self, weight, args, stats: InputStats) -> LayerResult:
-        """Clipping and rounding only (no mapping to fold scales into)."""
-        if stats is None:
-            raise ConfigError("awq needs calibration inputs for every linear it quantizes; "
-                              "quantize linears outside the decoder layers with rtn or hqq")
-        return self._quantize(weight, args, stats.inputs, self.config.clip)
-
-    def quantize_layer(
-        self, layer: nn.Module, targets: list[Target], stats: dict, arch: Architecture
-    ) -> dict[str, LayerResult]:
-        """Scale every applicable mapping in ``arch.mappings`` order (changing ``layer``'s
-        weights and the balance linears' ``stats`` in place), then clip and quantize."""
-        by_name = {t.local_name: t for t in targets}
-        for mapping in arch.mappings:
-            self._scale(layer, mapping, by_name, stats, arch)
-        cfg = self.config
-        return {
-            t.local_name: self._quantize(
-                t.module.weight.data, t.args, stats[t.local_name].inputs,
-                cfg.clip and not cfg.skips_clip(t.name),
-            )
-            for t in targets
-        }
-
-    def _scale(self, layer, mapping: ScaleMapping, by_name: dict[str, Target], stats, arch) -> None:
-        if not all(name in by_name for name in mapping.balance):
-            log.debug("awq: %s -> %s not scaled: not all balance linears are targets",
-                      mapping.smooth, ", ".join(mapping.balance))
-            return
-        reason = skip_reason(layer, mapping)
-        if reason is not None:
-            if mapping not in self._reported:
-                self._reported.add(mapping)
-                log.info("awq: skipping scales for %s -> %s: %s",
-                         mapping.smooth, ", ".join(mapping.balance), reason)
-            return
-        shared = stats[mapping.balance[0]]
-        weights = [(by_name[n].module.weight.data, by_name[n].args) for n in mapping.balance]
+    def scales(self, weights, stats: LinearStats) -> torch.Tensor | None:
+        shared = stats.require("inputs", "awq")
         device = weights[0][0].device
         found = search_scales(
             shared.inputs.to(device), shared.abs_mean, weights, self.config.n_grid,
             self.config.duo_scaling,
         )
-        log.debug("awq: %s -> %s alpha=%s loss %.4g (s=1: %.4g)", mapping.smooth,
-                  ", ".join(mapping.balance), found.alpha, found.loss, found.identity_loss)
-        if found.alpha is None:  # s = 1: folding would only add rounding
-            return
-        fold_scales(layer, mapping, found.scales, arch)
-        for st in {id(stats[n]): stats[n] for n in mapping.balance}.values():
-            st.divide(found.scales)
+        log.debug("awq: alpha=%s loss %.4g (s=1: %.4g)", found.alpha, found.loss, found.identity_loss)
+        return None if found.alpha is None else found.scales  # s = 1: folding would only add rounding
 
-    def _quantize(self, weight, args: QuantArgs, x: torch.Tensor, clip: bool) -> LayerResult:
+
+@register_stage
+class AWQClip(Quantizer):
+    """Clip search per quantization block, then round-to-nearest."""
+
+    name = "awq_clip"
+    needs = frozenset({"inputs"})
+    objective = "output_mse"
+    Config = AWQClipConfig
+
+    def quantize_weight(self, weight, args, stats: LinearStats | None) -> LayerResult:
+        return self._quantize(weight, args, stats, self.config.clip)
+
+    def quantize_target(self, target: Target, stats: LinearStats | None) -> LayerResult:
+        clip = self.config.clip and not self.config.skips_clip(target.name)
+        return self._quantize(target.module.weight.data, target.args, stats, clip)
+
+    def _quantize(self, weight, args: QuantArgs, stats: LinearStats | None, clip: bool) -> LayerResult:
+        x = (stats if stats is not None else LinearStats()).require("inputs", "awq").inputs
         if clip:
             step = -(-x.shape[0] // self.config.max_clip_tokens)
             xmin, xmax = search_clip(

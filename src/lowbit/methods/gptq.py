@@ -36,7 +36,7 @@ from lowbit.core.qparams import qparams_from_range
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.core.values import dequantize_values, quantize_values
 from lowbit.errors import ConfigError, LowbitError
-from lowbit.methods.base import HessianStats, LayerResult, Method, register_method
+from lowbit.methods.base import LayerResult, LinearStats, Quantizer, register_stage
 from lowbit.observers import observed_range
 
 log = logging.getLogger(__name__)
@@ -226,17 +226,15 @@ def _group_args(args: QuantArgs, width: int) -> QuantArgs:
     return args  # tensor / channel / token: the group is every column
 
 
-@register_method
-class GPTQ(Method):
+@register_stage
+class GPTQ(Quantizer):
     name = "gptq"
-    needs = "hessian"
+    needs = frozenset({"hessian"})
+    objective = "relative_output_error"
     Config = GPTQConfig
 
-    def quantize_weight(self, weight, args, stats: HessianStats) -> LayerResult:
-        if stats is None or stats.rows == 0:
-            raise LowbitError(
-                "gptq needs calibration inputs for every layer; none reached this one "
-                "(use method 'rtn' for data-free quantization)"
-            )
-        out = gptq(weight, stats.hessian, args, self.config)
+    def quantize_weight(self, weight, args, stats: LinearStats | None) -> LayerResult:
+        if stats is None:
+            stats = LinearStats()
+        out = gptq(weight, stats.require("hessian", "gptq").hessian, args, self.config)
         return LayerResult(out.qweight, out.loss)

@@ -43,7 +43,7 @@ from lowbit.core.qparams import qparams_from_range
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.core.values import dequantize_values, quantize_values
 from lowbit.errors import ConfigError
-from lowbit.methods.base import LayerResult, Method, register_method
+from lowbit.methods.base import LayerResult, Quantizer, register_stage
 from lowbit.methods.rtn import weight_mse
 
 
@@ -227,10 +227,10 @@ def hqq_quantize(
     return q, fit
 
 
-@register_method
-class HQQ(Method):
+@register_stage
+class HQQ(Quantizer):
     name = "hqq"
-    needs = "none"
+    objective = "weight_mse"
     Config = HQQConfig
 
     def quantize_weight(self, weight, args, stats=None) -> LayerResult:

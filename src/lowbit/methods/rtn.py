@@ -1,6 +1,6 @@
 """Round-to-nearest: each block's range from its observer (min-max by default), then round.
 
-loss: mean squared weight error ||W - Q(W)||^2 / numel.
+objective ``weight_mse``: mean squared weight error ||W - Q(W)||^2 / numel.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from lowbit.core.args import QuantArgs
 from lowbit.core.quantize import quantize
-from lowbit.methods.base import LayerResult, Method, register_method
+from lowbit.methods.base import LayerResult, Quantizer, register_stage
 from lowbit.observers import observed_range
 
 
@@ -24,10 +24,10 @@ def weight_mse(weight: torch.Tensor, qweight) -> float:
     return float((weight.float() - qweight.dequantize(torch.float32)).pow(2).mean())
 
 
-@register_method
-class RTN(Method):
+@register_stage
+class RTN(Quantizer):
     name = "rtn"
-    needs = "none"
+    objective = "weight_mse"
 
     @dataclass(frozen=True)
     class Config:

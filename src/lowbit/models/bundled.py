@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowbit.core.registry import Registry
 from lowbit.errors import ModelLoadError
 
 _GRID_NOTE = (
@@ -93,13 +94,11 @@ def _gemma3_gguf(scratch: Path) -> Path:
         ) from err
 
 
-BUNDLED: dict[str, BundledModel] = {}
+BUNDLED: Registry[BundledModel] = Registry("bundled model")
+"""The bundled models by short name, in the order ``lowbit models`` lists them."""
 
-
-def register(model: BundledModel) -> BundledModel:
-    BUNDLED[model.name] = model
-    return model
-
+register = BUNDLED.register()
+"""``register(model)`` adds a BundledModel under its ``name`` (a name registered twice raises)."""
 
 register(BundledModel(
     name="smollm2-135m",
@@ -133,4 +132,5 @@ def bundled_names() -> list[str]:
 
 
 def get_bundled(name: str) -> BundledModel | None:
-    return BUNDLED.get(name)
+    """The bundled model ``name``, or None when ``name`` is not one (it may be a path)."""
+    return BUNDLED.get(name) if name in BUNDLED else None

@@ -14,7 +14,14 @@ a minute for Gemma 3 on 2 cores), so each GGUF file is converted once into a pla
 under ``cache_root()`` (``$LOWBIT_CACHE/models``, default ``~/.cache/lowbit/models``):
 ``<bundled name>`` or ``<file stem>-<hash of path, size, mtime>``. The folder is built under a
 temporary name and renamed into place when complete, with a marker file written last, so a
-crash leaves nothing that looks finished. The source folder or file is never modified.
+crash leaves nothing that looks finished; temporary folders of processes that died are removed
+by the next conversion (``lowbit.outputs.sweep_stale``). The source folder or file is never
+modified.
+
+``load_model`` checks what it reads: the safetensors headers (a truncated or garbled file), that
+every tensor is stored as floats (a header that relabels a tensor as integers), that the
+checkpoint's tensors are exactly the model's (no weight silently left at its random
+initialisation), and with ``check_finite`` that no weight holds NaN or Inf.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +41,7 @@ import torch
 from lowbit.errors import ModelLoadError
 from lowbit.models.arch import architecture_for
 from lowbit.models.bundled import BundledModel, bundled_names, get_bundled
+from lowbit.outputs import describe_os_error, signals_deferred, sweep_stale, temp_folder, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -196,17 +203,25 @@ def _cached_conversion(
         raise ModelLoadError(
             f"{folder} exists but is not a finished lowbit conversion; delete it and retry"
         )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    work = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(folder.parent)
+        work = temp_folder(folder.parent, folder.name)
         out = work / "model"
         gguf_path = gguf(_mkdir(work / "scratch"))
         log.info("converting %s to a float32 Hugging Face folder (once)", gguf_path)
         convert_gguf(gguf_path, out)
         _write_marker(out, fingerprint)
         _publish(out, folder)
+    except OSError as err:
+        raise ModelLoadError(
+            f"cannot build the converted model {folder}: {describe_os_error(err, folder.parent)}; "
+            "set LOWBIT_CACHE to a writable folder with space"
+        ) from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     return folder
 
 
@@ -250,15 +265,16 @@ def _write_marker(out: Path, fingerprint: dict[str, str]) -> None:
 def _publish(built: Path, folder: Path) -> None:
     """Rename ``built`` to ``folder``; a stale ``folder`` is moved aside first and deleted."""
     stale = None
-    if folder.exists():
-        stale = folder.with_name(f".stale-{folder.name}-{os.getpid()}")
-        os.replace(folder, stale)
-    try:
-        os.replace(built, folder)
-    except OSError:
-        # Another process published the same conversion first: keep theirs.
-        if not (folder / MARKER).is_file():
-            raise
+    with signals_deferred():
+        if folder.exists():
+            stale = temp_name(folder.parent, folder.name, "old")
+            os.replace(folder, stale)
+        try:
+            os.replace(built, folder)
+        except OSError:
+            # Another process published the same conversion first: keep theirs.
+            if not (folder / MARKER).is_file():
+                raise
     if stale is not None:
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -287,12 +303,17 @@ def load_config(spec: str | os.PathLike | ModelSource):
     )
 
 
+def has_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds tokenizer files."""
+    return any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES)
+
+
 def load_tokenizer(spec: str | os.PathLike | ModelSource):
     """The tokenizer saved with a model (see ``resolve_model`` for ``spec``)."""
     from transformers import AutoTokenizer
 
     source = resolve_model(spec)
-    if not any((source.folder / f).is_file() for f in _TOKENIZER_FILES):
+    if not has_tokenizer(source.folder):
         raise ModelLoadError(
             f"{source.folder} has no tokenizer files; save one there with "
             "tokenizer.save_pretrained(folder)"
@@ -306,28 +327,69 @@ def load_model(
     spec: str | os.PathLike | ModelSource,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    check_finite: bool = False,
 ):
-    """``(model, tokenizer)`` for ``spec`` (see ``resolve_model``); the model in eval mode."""
+    """``(model, tokenizer)`` for ``spec`` (see ``resolve_model``); the model in eval mode.
+
+    check_finite: refuse weights holding NaN or Inf (NonFiniteError naming the tensor)."""
     from transformers import AutoModelForCausalLM
+
+    from lowbit.pipeline.lazy import check_finite as refuse_nonfinite
 
     source = resolve_model(spec)
     if source.note:
         log.info("%s: %s", source.name, source.note)
     tokenizer = load_tokenizer(source)  # cheap; fail on a missing tokenizer before the weights
-    model = _guarded(
+    check_float_checkpoint(source.folder)
+    model, info = _guarded(
         source,
         lambda: AutoModelForCausalLM.from_pretrained(
-            source.folder, dtype=dtype, local_files_only=True
+            source.folder, dtype=dtype, local_files_only=True, output_loading_info=True
         ),
     )
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(map(str, info.get(kind) or ()))
+        if keys:
+            raise ModelLoadError(
+                f"{source.folder}: the checkpoint does not fit its config ({kind.replace('_', ' ')}: "
+                f"{', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}); it is corrupt or incomplete"
+            )
+    if check_finite:
+        for name, t in model.state_dict().items():
+            refuse_nonfinite(t, name, source.folder)
     return model.to(device).eval(), tokenizer
+
+
+def check_float_checkpoint(folder: Path) -> None:
+    """Check the safetensors files of a float checkpoint without reading its weights: headers
+    well-formed and filling their files, every tensor stored as floats, and not a mix of float16
+    and bfloat16 (a header that relabels a tensor's dtype). Raises ModelLoadError."""
+    from lowbit.pipeline.lazy import FLOAT_DTYPES, read_header, weight_files
+
+    seen: dict[str, str] = {}
+    for file in weight_files(folder):
+        entries, _ = read_header(file)
+        for name, entry in entries.items():
+            if entry.dtype not in FLOAT_DTYPES:
+                raise ModelLoadError(
+                    f"{file}: tensor {name} is stored as {entry.dtype}, not as floats; the header is "
+                    "wrong or the file is corrupt"
+                )
+            seen.setdefault(entry.dtype, name)
+    if "F16" in seen and "BF16" in seen:
+        raise ModelLoadError(
+            f"{folder}: tensors are stored both as F16 ({seen['F16']}) and BF16 ({seen['BF16']}); "
+            "one header relabels its dtype or the files come from different checkpoints"
+        )
 
 
 def _guarded(source: ModelSource, load: Callable):
     """Run a transformers loader; turn its errors into one-line ModelLoadErrors."""
+    from safetensors import SafetensorError
+
     try:
         return load()
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise ModelLoadError(
             f"cannot load {source.name} from {source.folder}: {_first_line(err)}"
         ) from err

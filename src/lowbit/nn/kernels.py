@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from lowbit.core.blocks import expand_blocks
 from lowbit.core.formats import get_format
+from lowbit.core.registry import Registry
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.errors import ConfigError
 
@@ -64,21 +65,18 @@ class Kernel:
         raise NotImplementedError
 
 
-KERNELS: dict[str, Kernel] = {}
+KERNELS: Registry[Kernel] = Registry("kernel")
+"""One instance of each kernel class, by name, in registration order."""
 
 
 def register_kernel(cls: type[Kernel]) -> type[Kernel]:
-    if cls.name in KERNELS:
-        raise ValueError(f"kernel {cls.name} is already registered")
-    KERNELS[cls.name] = cls()
+    """Class decorator: registers one instance of ``cls`` under ``cls.name``."""
+    KERNELS.add(cls.name, cls())
     return cls
 
 
 def get_kernel(name: str) -> Kernel:
-    try:
-        return KERNELS[name]
-    except KeyError:
-        raise ConfigError(f"unknown kernel {name!r}; available: {', '.join(KERNELS)}") from None
+    return KERNELS.get(name)
 
 
 # -- shared helpers ----------------------------------------------------------------------------

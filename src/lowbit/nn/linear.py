@@ -6,6 +6,12 @@ from ``lowbit.nn.kernels``, chosen by name (``kernel=`` or ``set_kernel``), neve
 hardware check. What the kernel prepares lives in non-persistent buffers named
 ``prepared_<field>``: it follows ``.to(device)``, stays out of ``state_dict``, and is rebuilt
 after ``load_state_dict``.
+
+A layer may carry activation settings (``input_activations``, ``output_activations``: the
+QuantArgs of a ``Scheme``). lowbit does not execute activation quantization yet, so such a layer
+refuses to run (``ActivationQuantizationError``) except inside ``weights_only(model)``, where it
+computes with quantized weights and float activations (the calibration pipeline uses that to feed
+the next layer).
 """
 
 from __future__ import annotations
@@ -13,26 +19,39 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from lowbit.core.args import QuantArgs
 from lowbit.core.formats import get_format
 from lowbit.core.tensor import QuantizedTensor
+from lowbit.errors import LowbitError
 from lowbit.nn.kernels import Kernel, KernelUnsupportedError, get_kernel
 
 logger = logging.getLogger(__name__)
 
 PREPARED_PREFIX = "prepared_"
-CANONICAL = ("qdata", "scale", "zero_point", "group_index")
+CANONICAL = QuantizedTensor.STORED_FIELDS
+ACTIVATION_FIELDS = ("input_activations", "output_activations")
+
+
+class ActivationQuantizationError(LowbitError):
+    """A model quantizes activations, which lowbit cannot execute yet."""
 
 
 class QuantizedLinear(nn.Module):
     def __init__(
-        self, qweight: QuantizedTensor, bias: torch.Tensor | None = None, kernel: str = "dequant"
+        self, qweight: QuantizedTensor, bias: torch.Tensor | None = None, kernel: str = "dequant",
+        input_activations: QuantArgs | None = None, output_activations: QuantArgs | None = None,
     ):
         super().__init__()
+        self.input_activations = input_activations
+        self.output_activations = output_activations
+        self.weights_only = False
         self.out_features, self.in_features = qweight.shape
         self.format_name = qweight.format.name
         self.block_size = tuple(qweight.block_size)
@@ -99,18 +118,50 @@ class QuantizedLinear(nn.Module):
             **self._settings, **{f: buffers[b] for f, b in self._sources.items()}
         )
 
+    def metadata(self) -> dict:
+        """What the saved config records of this layer: the weight's layout and activations."""
+        meta = self.qweight.metadata()
+        for name in ACTIVATION_FIELDS:
+            args = getattr(self, name)
+            if args is not None:
+                meta[name] = args.to_dict()
+        return meta
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.weights_only and (self.input_activations or self.output_activations):
+            acts = self.input_activations or self.output_activations
+            raise ActivationQuantizationError(
+                f"this model's scheme quantizes activations ({acts.describe()}), which lowbit "
+                "cannot run yet; quantize with a weight-only scheme (e.g. W8A16, W4A16) to "
+                "evaluate it here"
+            )
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         return self._kernel.forward(x, self.prepared(), bias)
 
     def extra_repr(self) -> str:
+        acts = "".join(f", {n}={getattr(self, n).describe()}" for n in ACTIVATION_FIELDS if getattr(self, n))
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"format={self.format_name}, block_size={self.block_size}, "
-            f"bias={self.bias is not None}, kernel={self.kernel if self._kernel else None}"
+            f"bias={self.bias is not None}, kernel={self.kernel if self._kernel else None}{acts}"
         )
+
+
+@contextmanager
+def weights_only(model: nn.Module) -> Iterator[None]:
+    """Inside the block, QuantizedLinear layers with activation settings compute with float
+    activations (quantized weights only)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    before = [m.weights_only for m in layers]
+    try:
+        for m in layers:
+            m.weights_only = True
+        yield
+    finally:
+        for m, b in zip(layers, before, strict=True):
+            m.weights_only = b
 
 
 def _prepare_again(module: QuantizedLinear, incompatible_keys) -> None:

@@ -5,9 +5,7 @@
 docs/observers.md for which to use when.
 """
 
-from lowbit.observers.base import (
-    OBSERVERS, Batch, Observer, get_observer, observed_range, register_observer,
-)
+from lowbit.observers.base import OBSERVERS, Batch, Observer, get_observer, observed_range, register_observer
 from lowbit.observers.histogram import BlockHistogram, StreamingObserver
 from lowbit.observers.kl import KLObserver
 from lowbit.observers.minmax import MinMaxObserver

@@ -21,6 +21,7 @@ import torch
 from lowbit.core.args import QuantArgs
 from lowbit.core.blocks import grid_shape, to_blocks
 from lowbit.core.qparams import qparams_from_range
+from lowbit.core.registry import Registry
 from lowbit.errors import ConfigError
 
 
@@ -132,24 +133,15 @@ class Observer:
         return []
 
 
-OBSERVERS: dict[str, type[Observer]] = {}
+OBSERVERS: Registry[type[Observer]] = Registry("observer")
 
-
-def register_observer(cls: type[Observer]) -> type[Observer]:
-    if cls.name in OBSERVERS:
-        raise ValueError(f"observer {cls.name} is already registered")
-    OBSERVERS[cls.name] = cls
-    return cls
+register_observer = OBSERVERS.register()
+"""Class decorator: ``@register_observer`` adds an observer class under its ``name``."""
 
 
 def get_observer(name: str, args: QuantArgs, **options) -> Observer:
     """A fresh observer ``name`` for tensors quantized with ``args``."""
-    try:
-        cls = OBSERVERS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown observer {name!r}; known observers: {', '.join(sorted(OBSERVERS))}"
-        ) from None
+    cls = OBSERVERS.get(name)
     allowed = cls.options()
     unknown = sorted(set(options) - set(allowed))
     if unknown:

@@ -35,7 +35,7 @@ class BlockHistogram:
     signed: bool  # bins over [-radius, radius] when True, over [0, radius] (of |x|) when False
 
     @classmethod
-    def empty(cls, blocks: int, bins: int, signed: bool, device=None) -> "BlockHistogram":
+    def empty(cls, blocks: int, bins: int, signed: bool, device=None) -> BlockHistogram:
         counts = torch.zeros(blocks, bins, dtype=torch.int64, device=device)
         return cls(counts, torch.zeros(blocks, device=device), signed)
 

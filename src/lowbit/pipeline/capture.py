@@ -6,7 +6,8 @@ hidden states and the keyword arguments (masks, position embeddings) each layer 
 each layer can later be run on its own. The layers are restored in a ``finally`` block.
 
 ``collect_stats`` registers forward hooks on target linears inside a context manager that
-always removes them. Linears that read the same input tensor share one statistics object.
+always removes them. Linears that read the same input tensor share one ``LinearStats``, holding
+the statistics named in ``needs``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowbit.methods.base import Method, Target
+from lowbit.methods.base import DEFAULT_INPUT_ROWS, LinearStats, Target
 
 
 def to_device(obj, device):
@@ -80,9 +81,12 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
 
 
 @contextmanager
-def collect_stats(layer: nn.Module, targets: list[Target], method: Method, total_rows: int):
-    """Yields ``{local_name: stats}``, filled while the layer runs forward inside the block."""
-    stats: dict[str, object] = {}
+def collect_stats(layer: nn.Module, targets: list[Target], needs, total_rows: int,
+                  max_rows: int = DEFAULT_INPUT_ROWS):
+    """Yields ``{local_name: LinearStats}``, filled while the layer runs forward inside the
+    block. ``needs``: statistic names; ``total_rows``: input rows the block will see in all;
+    ``max_rows``: rows an input sample keeps."""
+    stats: dict[str, LinearStats] = {}
     leader: dict[str, bool] = {}
     # Inputs seen in the current forward, by identity. Holding the tensors keeps their memory
     # from being reused by a later input of the same shape within that forward, which would
@@ -101,7 +105,7 @@ def collect_stats(layer: nn.Module, targets: list[Target], method: Method, total
                     stats[name] = stats[seen[id(x)][1]]
                     leader[name] = False
                 else:
-                    stats[name] = method.new_stats(x.shape[-1], total_rows, x.device)
+                    stats[name] = LinearStats.new(needs, x.shape[-1], total_rows, max_rows, x.device)
                     leader[name] = True
             seen.setdefault(id(x), (x, name))
             if leader[name]:
