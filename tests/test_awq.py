@@ -11,7 +11,7 @@ from lowbit.core.args import parse_args
 from lowbit.core.quantize import block_range, fake_quantize
 from lowbit.errors import ConfigError
 from lowbit.methods import InputStats, LinearStats, Target, resolve_stages
-from lowbit.methods.awq import AWQClipConfig, search_clip, search_scales
+from lowbit.methods.awq import search_clip, search_scales
 from lowbit.methods.rtn import RTN
 from lowbit.models.arch import architecture_for
 from lowbit.pipeline.layerwise import Plan, transform

@@ -127,3 +127,44 @@ def test_low_memory_is_opt_in(workspace, monkeypatch):
     assert r.exit_code == 0 and calls == [1]
     report = json.loads((root / "lm2" / "lowbit_report.json").read_text())
     assert report["low_memory"] is True and report["peak_rss_mb"] > 0
+
+
+def test_stages_activation_schemes_and_the_common_error_on_the_command_line(workspace):
+    root, model_dir, text = workspace
+    out = root / "ag"
+    r = run("quantize", model_dir, "--out", out, "--scheme", "W8A8", "--method", "awq+gptq", "--calib", text,
+            "--samples", 4, "--seq-len", 32, "--option", "n_grid=4", "--option", "gptq.act_order=false",
+            "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["method"] == "awq+gptq" and summary["scheme"] == "W8A8"
+    assert 0 < summary["mean_output_error"] < 1
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    recipe = config["recipe"]
+    assert [s["name"] for s in recipe["stages"]] == ["awq_scale", "gptq"]
+    assert recipe["method_options"] == {"n_grid": 4, "gptq.act_order": False}  # typed, not "false"
+    assert config["layers"]["model.layers.0.mlp.up_proj"]["input_activations"]["dynamic"] is True
+    r = run("inspect", out)
+    assert r.exit_code == 0 and "int8 token dynamic" in r.stdout and "awq_scale -> gptq" in r.stdout
+    r = run("eval", out, "--baseline", model_dir, "--source", text, "--tokens", 128, "--window", 64, "--quiet")
+    assert r.exit_code == 2 and "cannot run yet" in r.output
+
+
+def test_data_free_methods_measure_the_output_error_only_with_calib(workspace):
+    root, model_dir, text = workspace
+    r = run("quantize", model_dir, "--out", root / "plain", "--scheme", "w4g32", "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["mean_output_error"] is None
+    r = run("quantize", model_dir, "--out", root / "measured", "--scheme", "w4g32", "--calib", text,
+            "--samples", 4, "--seq-len", 32, "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    assert 0 < json.loads(r.stdout)["mean_output_error"] < 1
+
+
+def test_a_recipe_file_alone_is_used(workspace, tmp_path):
+    root, model_dir, _ = workspace
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"scheme": "w8", "method": "hqq", "method_options": {"iters": 3}}))
+    r = run("quantize", model_dir, "--out", tmp_path / "q", "--recipe", recipe, "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["scheme"] == "w8" and json.loads(r.stdout)["method"] == "hqq"

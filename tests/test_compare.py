@@ -1,6 +1,7 @@
 """``lowbit compare`` (each run in its own process) and ``lowbit models`` on a tiny model folder."""
 
 import json
+import re
 import tempfile
 
 import pytest
@@ -13,6 +14,7 @@ from lowbit.errors import LowbitError
 from lowbit.eval.metrics import compare_models
 from lowbit.models.bundled import BUNDLED
 from lowbit.models.tiny import byte_tokenizer, tiny_model
+from lowbit.recipe import Recipe
 
 runner = CliRunner()
 
@@ -50,86 +52,96 @@ def budget(text):
 def test_compare_json_rows_match_the_saved_models(workspace):
     root, model_dir, text, shapes = workspace
     keep = root / "kept"
-    r = run("compare", model_dir, "--methods", "rtn,gptq", "--scheme", "w4g32", *budget(text),
+    r = run("compare", model_dir, "--methods", "gptq", "--scheme", "w4g32", *budget(text),
             "--keep", keep, "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["tokens_scored"] == SCORED and result["window"] == WINDOW
     assert result["calibration"] == CalibrationSpec(source=str(text), num_samples=4, seq_len=32).to_dict()
     assert result["outputs"] == str(keep)
-    rows = result["rows"]
-    assert [(row["scheme"], row["method"]) for row in rows] == [("w4g32", "rtn"), ("w4g32", "gptq")]
+    [row] = result["rows"]
+    assert (row["scheme"], row["method"]) == ("w4g32", "gptq")
 
-    # Scored again here, from the kept folder, on the same windows: the same numbers.
-    reference = tiny_model(seed=11)
+    out = keep / "w4g32-gptq"
+    report = json.loads((out / "lowbit_report.json").read_text())
+    assert report["recipe"] == Recipe(scheme="w4g32", method="gptq").to_dict()
+    assert report["calibration"] == result["calibration"]
+    assert row["peak_rss_mb"] == report["peak_rss_mb"] > 0  # measured in the run's own process
+    assert row["seconds"] == pytest.approx(report["seconds"], abs=1e-3)
+    assert row["output_error"] == compare_module.mean_output_error(report)
+    weights = sum(r * c for r, c in shapes)  # int4 codes plus a float16 scale per 32 weights
+    assert row["bits_per_weight"] == pytest.approx(4.5, rel=1e-12)
+    assert row["quantized_mb"] == pytest.approx(weights * 4.5 / 8 / 1e6, rel=1e-12)
+
+    # Scored again here from the kept folder, on the same windows: the same numbers.
+    qmodel, _ = io.load(out, with_tokenizer=False)
     ids = evaluation_tokens(byte_tokenizer(), source=str(text), max_tokens=TOKENS)
-    weights = sum(r * c for r, c in shapes)
-    for row in rows:
-        out = keep / f"w4g32-{row['method']}"
-        report = json.loads((out / "lowbit_report.json").read_text())
-        assert report["recipe"]["method"] == row["method"]
-        assert row["peak_rss_mb"] == report["peak_rss_mb"] > 0
-        assert row["seconds"] == pytest.approx(report["seconds"], abs=1e-3)
-        assert row["output_error"] == compare_module.mean_output_error(report)
-        # int4 codes plus a float16 scale per 32 weights
-        assert row["bits_per_weight"] == pytest.approx(4.5, rel=1e-12)
-        assert row["quantized_mb"] == pytest.approx(weights * 4.5 / 8 / 1e6, rel=1e-12)
-
-        qmodel, _ = io.load(out, with_tokenizer=False)
-        fidelity = compare_models(qmodel, reference, ids, window=WINDOW, progress=False)
-        assert row["perplexity"] == pytest.approx(fidelity.perplexity, rel=1e-9)
-        assert row["mean_kl"] == pytest.approx(fidelity.mean_kl, rel=1e-9)
-        assert row["top1_agreement"] == fidelity.top1_agreement
-        assert result["baseline_perplexity"] == pytest.approx(fidelity.reference_perplexity, rel=1e-9)
-        assert 0 < row["mean_kl"] and 0 < row["top1_agreement"] < 1
-
-    rtn, gptq = rows
-    if rtn["output_error"] is not None:  # LayerReport.output_error: measured on calibration inputs
-        assert 0 < gptq["output_error"] < rtn["output_error"] < 1
+    fidelity = compare_models(qmodel, tiny_model(seed=11), ids, window=WINDOW, progress=False)
+    assert result["baseline_perplexity"] == pytest.approx(fidelity.reference_perplexity, rel=1e-9)
+    assert row["perplexity"] == pytest.approx(fidelity.perplexity, rel=1e-9)
+    assert row["ppl_change_pct"] == pytest.approx(fidelity.perplexity_change_pct, rel=1e-9)
+    assert row["mean_kl"] == pytest.approx(fidelity.mean_kl, rel=1e-9) and row["mean_kl"] > 0
+    assert row["p99_kl"] == pytest.approx(fidelity.p99_kl, rel=1e-9)
+    assert row["top1_agreement"] == fidelity.top1_agreement
 
 
-def test_compare_table(workspace):
+def test_compare_table(workspace, monkeypatch):
     root, model_dir, text, _ = workspace
-    r = run("compare", model_dir, "--methods", "rtn", "--scheme", "w8", *budget(text))
+    # Runs in this process, to spare process starts (the test above covers that path).
+    monkeypatch.setattr(compare_module, "run_in_process", lambda fn, *args, label: fn(*args))
+    r = run("compare", model_dir, "--methods", "rtn,gptq", "--scheme", "w4g32", *budget(text))
     assert r.exit_code == 0, r.output
-    header = next(line for line in r.stdout.splitlines() if "bits/weight" in line)
-    for column in ("scheme", "method", "time s", "peak MB", "output error", "perplexity", "top-1"):
-        assert column in header
-    row = next(line for line in r.stdout.splitlines() if " rtn " in line)
-    cells = [cell.strip() for cell in row.split("│")[1:-1]]
-    assert cells[:3] == ["w8", "rtn", "8.214"]  # one float16 scale per row of the tiny Llama
-    assert float(cells[6]) > 0  # output error, measured on the calibration inputs
-    assert f"{SCORED} " in r.stdout and "baseline perplexity" in r.stdout
+    assert f"{SCORED} " in r.stdout and "calibration 4 x 32" in r.stdout
+    header, rtn, gptq = [_cells(line) for line in r.stdout.splitlines() if "w4g32" in line
+                             or "bits/weight" in line]
+    assert header[:7] == ["scheme", "method", "bits/weight", "MB", "time s", "peak MB", "output error"]
+    assert rtn[:3] == ["w4g32", "rtn", "4.500"] and gptq[:3] == ["w4g32", "gptq", "4.500"]
+    assert 0 < float(gptq[6]) < float(rtn[6]) < 1  # relative output error on calibration inputs
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in re.split("[│┃]", line)[1:-1]]
 
 
 def test_a_failed_run_is_one_line_and_leaves_no_temporary_folder(workspace, tmp_path, monkeypatch):
-    root, model_dir, _, _ = workspace
+    _, model_dir, text, _ = workspace
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    r = run("compare", model_dir, "--methods", "gptq", "--scheme", "w4g32", "--calib",
-            root / "missing.txt", "--samples", 4, "--seq-len", 32, "--tokens", TOKENS, "--quiet")
+    # 4 windows of 100,000 tokens: more than the calibration text holds, found in the run
+    r = run("compare", model_dir, "--methods", "gptq", "--scheme", "w4g32", *budget(text),
+            "--seq-len", 100_000)
     assert r.exit_code == 2
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: w4g32 gptq: ") and "missing.txt" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: w4g32 gptq: ") and "seq_len" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_calibration_text_fails_before_any_run(workspace, monkeypatch):
+    root, model_dir, text, _ = workspace
+    monkeypatch.setattr(compare_module, "run_in_process", None)  # never reached
+    r = run("compare", model_dir, "--methods", "gptq", *budget(text), "--calib", root / "missing.txt")
+    assert r.exit_code == 2 and "missing.txt does not exist" in r.stderr
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, LowbitError])
 def test_interrupt_or_error_removes_the_temporary_folder(workspace, tmp_path, monkeypatch, error):
     _, model_dir, text, _ = workspace
-    outputs = []
+    calls = []
 
     def stopped(fn, model, recipe, calibration, out, progress, label):
-        outputs.append(out)
+        calls.append((recipe, out, label))
         raise error("stopped")
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(compare_module, "run_in_process", stopped)
     with pytest.raises(error, match="stopped"):
         compare_module.compare_methods(
-            str(model_dir), ["w4g32"], ["rtn"], source=str(text), tokens=TOKENS, window=WINDOW,
+            str(model_dir), ["w4g32"], ["awq+gptq"], source=str(text), tokens=TOKENS, window=WINDOW,
             progress=False,
         )
-    assert outputs and outputs[0].startswith(str(tmp_path))  # the run wrote into tmp_path
+    [(recipe, out, label)] = calls
+    # a method with + goes through as one recipe, under the name the user wrote
+    assert recipe == Recipe(scheme="w4g32", method="awq+gptq").to_dict() and label == "w4g32 awq+gptq"
+    assert out.startswith(str(tmp_path)) and out.endswith("w4g32-awq+gptq")
     assert list(tmp_path.iterdir()) == []
 
 

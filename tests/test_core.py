@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from lowbit.core import (
-    QuantArgs, QuantizedTensor, fake_quantize, get_format, pack, packed_length, parse_args,
-    quantize, unpack,
+    QuantArgs,
+    QuantizedTensor,
+    fake_quantize,
+    get_format,
+    pack,
+    packed_length,
+    parse_args,
+    quantize,
+    unpack,
 )
 from lowbit.core.formats import FP4_LEVELS, NF4_LEVELS
 from lowbit.errors import ConfigError
@@ -144,11 +151,13 @@ def reference_int_quantize(w: np.ndarray, bits: int, group: int, symmetric: bool
             for j, v in enumerate(block):
                 q = min(max(round(float(np.float32(v) / np.float32(scale))) + zp, qmin), qmax)
                 codes[r, g0 + j] = q
-                out[r, g0 + j] = np.float32((q - zp)) * np.float32(scale)
+                out[r, g0 + j] = np.float32(q - zp) * np.float32(scale)
     return codes, out
 
 
-@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, True), (4, 32, False), (3, 24, True), (2, 16, False), (8, 40, True)])
+@pytest.mark.parametrize(
+    "bits, group, symmetric", [(4, 32, True), (4, 32, False), (3, 24, True), (2, 16, False), (8, 40, True)]
+)
 def test_int_quantize_matches_reference(bits, group, symmetric):
     g = torch.Generator().manual_seed(bits + group)
     w = torch.randn(6, 80, generator=g)  # 80 is not a multiple of 24 or 40*... ragged when it is not

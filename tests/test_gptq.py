@@ -126,7 +126,9 @@ def test_static_groups_take_scales_from_original_weights(layer):
             assert torch.equal(out.qweight.zero_point, rtn.zero_point)
 
 
-@pytest.mark.parametrize("act_order, static_groups", [(False, False), (True, False), (True, True), (False, True)])
+@pytest.mark.parametrize(
+    "act_order, static_groups", [(False, False), (True, False), (True, True), (False, True)]
+)
 @pytest.mark.parametrize("scheme", ["w4g64", "w3g32-asym"])
 def test_orderings_beat_rtn(layer, scheme, act_order, static_groups):
     w, x, stats = layer
@@ -226,7 +228,8 @@ def test_method_registry_and_loss(layer):
     result = method.quantize_weight(w, parse_args("w4g128"), LinearStats(hessian=stats))
     q = result.qweight.dequantize(torch.float32)
     # loss: relative output error on the calibration inputs
-    assert result.objective == pytest.approx(output_error(w, q, x) ** 2 / float((w @ x.T).norm()) ** 2, rel=1e-4)
+    expected = output_error(w, q, x) ** 2 / float((w @ x.T).norm()) ** 2
+    assert result.objective == pytest.approx(expected, rel=1e-4)
     assert result.qweight.dtype == w.dtype
 
 

@@ -8,7 +8,7 @@ from lowbit.core import QuantizedTensor, parse_args, quantize, to_blocks
 from lowbit.core.formats import get_format
 from lowbit.errors import ConfigError
 from lowbit.methods import get_method
-from lowbit.methods.hqq import HQQConfig, fit_blocks, hqq_quantize, shrink_lp, valid_mask
+from lowbit.methods.hqq import HQQConfig, hqq_quantize, shrink_lp, valid_mask
 
 # -- realistic weights ---------------------------------------------------------------------
 # Linear weights of a small LM are roughly Gaussian with std ~0.02, with heavy-tailed rows;
@@ -190,7 +190,7 @@ def reference_hqq(w, args, config):
             s0 = max((hi - lo) / fmt.qmax, torch.finfo(store).tiny)
             cands.append((s0, -lo / torch.tensor(s0).to(store).item()))
 
-            def error(s, z):
+            def error(s, z, x=x):
                 s = torch.tensor(s).to(store).float()
                 z = torch.tensor(z).to(store).float()
                 codes = torch.round(x / s + z).clamp(fmt.qmin, fmt.qmax)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lowbit import io
-from lowbit.errors import ConfigError, LowbitError, ModelLoadError, OutputError
 from lowbit.contents import inspect_folder
+from lowbit.errors import ConfigError, LowbitError, ModelLoadError, OutputError
 from lowbit.models.tiny import tiny_model
 from lowbit.quantize import quantize
 from lowbit.recipe import Recipe
@@ -18,7 +18,9 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("scheme, tied", [("w4g32-asym", False), ("w3g48", True), ("nf4", False), ("fp8_e4m3", True), ("w8", False)])
+@pytest.mark.parametrize(
+    "scheme, tied", [("w4g32-asym", False), ("w3g48", True), ("nf4", False), ("fp8_e4m3", True), ("w8", False)]
+)
 def test_reload_gives_identical_logits(tmp_path, tokenizer, scheme, tied):
     model = tiny_model(seed=5, tie_word_embeddings=tied)
     recipe = Recipe(scheme=scheme)

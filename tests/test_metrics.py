@@ -139,3 +139,26 @@ def test_quantile_matches_torch():
     for q in (0.0, 0.5, 0.99, 1.0):
         expected = torch.quantile(values.double(), q).item()
         assert quantile(values, q) == pytest.approx(expected, abs=1e-12)
+
+
+def test_non_finite_logits_fail_loudly(tiny_llama, tokens):
+    from lowbit.errors import NonFiniteError
+
+    broken = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        broken.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"the model yields NaN logits \(window 1\)"):
+        perplexity(broken, tokens, window=16, progress=False)
+    with pytest.raises(NonFiniteError, match="the model yields NaN logits"):
+        compare_models(broken, tiny_llama, tokens, window=16, progress=False)
+    with pytest.raises(NonFiniteError, match="the reference yields NaN logits"):
+        compare_models(tiny_llama, broken, tokens, window=16, progress=False)
+
+
+def test_config_differences_name_the_fields(tiny_llama):
+    from lowbit.eval.metrics import config_differences
+
+    assert config_differences(tiny_llama, copy.deepcopy(tiny_llama)) == []
+    other = tiny_model("llama", seed=1, num_hidden_layers=1)
+    assert config_differences(other, tiny_llama) == ["num_hidden_layers 1 vs 2"]
+    assert "model_type qwen2 vs llama" in config_differences(tiny_model("qwen2"), tiny_llama)

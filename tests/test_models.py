@@ -422,3 +422,59 @@ def test_bundled_model_mappings_fold_exactly(name, skipped):
             scales = torch.exp(torch.randn(width, generator=generator) * 0.5)
             fold_scales(layer, mapping, scales, arch)
     torch.testing.assert_close(_logits(model, ids), before, rtol=1e-3, atol=1e-3)
+
+
+# -- what the loader refuses instead of computing with it (issue 10) -----------------------
+
+
+def test_renamed_tensor_is_refused_not_left_random(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _save_tiny(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weigth"] = tensors.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError) as err:
+        load_model(tmp_path)
+    assert "missing keys: model.layers.0.mlp.up_proj.weight" in _one_line(err)
+
+
+def test_nan_weight_is_refused_when_asked(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.errors import NonFiniteError
+
+    _save_tiny(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("inf")
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    load_model(tmp_path)  # quantization decides itself what to do with it
+    with pytest.raises(NonFiniteError) as err:
+        load_model(tmp_path, check_finite=True)
+    assert "tensor model.norm.weight holds 1 NaN/Inf" in _one_line(err)
+
+
+def test_gguf_whose_tensors_do_not_follow_each_other_is_refused(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "gap.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    for key in ("block_count", "embedding_length", "head_count", "head_count_kv"):
+        getattr(writer, f"add_{key}")(2)
+    writer.add_tensor("a.weight", np.zeros((4, 8), np.float32))
+    writer.add_tensor("b.weight", np.ones((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    load.check_gguf(path)  # as written: fine
+    data = bytearray(path.read_bytes())
+    reader = gguf.GGUFReader(path)
+    field = reader.tensors[0].field  # relabel a.weight F32 -> F16: half its bytes, a gap after
+    type_at = int(field.offset) + sum(int(p.nbytes) for p in field.parts[:4])
+    data[type_at:type_at + 4] = int(gguf.GGMLQuantizationType.F16).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError) as err:
+        load.check_gguf(path)
+    assert "tensor b.weight starts at byte" in _one_line(err)

@@ -90,7 +90,8 @@ def test_errors_are_config_errors(tiny_llama, recording_method):
     with pytest.raises(ConfigError, match="no linear layer matches"):
         quantize(tiny_llama, Recipe(targets=("re:nothing.*",)), progress=False)
     with pytest.raises(ConfigError, match="outside the decoder layers"):
-        quantize(tiny_llama, Recipe(method="recording_hessian", ignore=()), torch.zeros(1, 8, dtype=torch.long), progress=False)
+        tokens = torch.zeros(1, 8, dtype=torch.long)
+        quantize(tiny_llama, Recipe(method="recording_hessian", ignore=()), tokens, progress=False)
     with pytest.raises(ConfigError, match="unknown method"):
         quantize(tiny_llama, Recipe(method="nope"), progress=False)
 
@@ -204,7 +205,9 @@ def test_linears_on_different_tensors_never_share_statistics(recording_method):
     assert stats["q"] is not stats["gate"]
     a = x * 2
     b = layer.q(a) + 1
-    torch.testing.assert_close(stats["gate"]["hessian"].hessian.double(), _hessian(b.detach()), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        stats["gate"]["hessian"].hessian.double(), _hessian(b.detach()), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("chunk_bytes", [12, 60, 1 << 20])

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lowbit import io
+from lowbit.contents import inspect_folder
 from lowbit.data.calibration import CalibrationSpec, calibration_tokens, evaluation_tokens
 from lowbit.eval.metrics import compare_models
-from lowbit.contents import inspect_folder
 from lowbit.models.load import load_model
 from lowbit.quantize import quantize
 from lowbit.recipe import Recipe
@@ -87,8 +87,10 @@ def test_w4g128_size_reload_and_chat(smol, smol_eval, tmp_path):
 def test_gptq_and_awq_beat_rtn(smol, smol_eval, smol_calib, scheme):
     model, _ = smol
     rtn = fidelity(quantized(model, Recipe(scheme=scheme)), model, smol_eval).mean_kl
-    gptq = fidelity(quantized(model, Recipe(scheme=scheme, method="gptq"), smol_calib), model, smol_eval).mean_kl
-    awq = fidelity(quantized(model, Recipe(scheme=scheme, method="awq"), smol_calib), model, smol_eval).mean_kl
+    gptq, awq = (
+        fidelity(quantized(model, Recipe(scheme=scheme, method=m), smol_calib), model, smol_eval).mean_kl
+        for m in ("gptq", "awq")
+    )
     assert gptq < 0.85 * rtn, (gptq, rtn)
     assert awq < 0.85 * rtn, (awq, rtn)
 

@@ -11,10 +11,8 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
-from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -22,8 +20,9 @@ from rich.table import Table
 from lowbit import defaults
 from lowbit.errors import ConfigError, LowbitError
 
+# rich_markup_mode=None: help texts are plain text, so "wBITS[gGROUP]" is shown as written.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Quantize Hugging Face causal LMs and measure what it cost.")
+                  rich_markup_mode=None, help="Quantize Hugging Face causal LMs and measure what it cost.")
 # Tables are wide; when output is not a terminal, do not squeeze them into 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
@@ -113,6 +112,12 @@ def _parse_options(options: list[str]) -> dict[str, str]:
 _RECIPE_FIELDS = ("scheme", "method", "option", "ignore", "targets")
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user typed option ``name`` (typer vendors click, so compare by name)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 def _build_recipe(ctx: typer.Context, scheme, method, recipe_file, options, ignore, targets):
     """The recipe of a ``quantize`` command, validated (stages, options, observers, patterns).
 
@@ -121,8 +126,7 @@ def _build_recipe(ctx: typer.Context, scheme, method, recipe_file, options, igno
     from lowbit.recipe import DEFAULT_IGNORE, Recipe
 
     if recipe_file is not None:
-        given = [f"--{name}" for name in _RECIPE_FIELDS
-                 if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+        given = [f"--{name}" for name in _RECIPE_FIELDS if _given(ctx, name)]
         if given:
             raise ConfigError(
                 f"--recipe holds the scheme, method, options and layer selection; {', '.join(given)} "
@@ -195,22 +199,36 @@ def quantize(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="bundled name (smollm2-135m, gemma3-270m), HF folder, .gguf file or hub id"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (must not exist unless --overwrite)"),
-    scheme: str = typer.Option(defaults.SCHEME, help="scheme: w8, w4g128, w4g128-asym, w3g128, w2g64-asym, nf4, fp8, ..."),
-    method: str = typer.Option(defaults.METHOD, help="rtn, gptq, awq or hqq"),
-    recipe: Optional[Path] = typer.Option(None, help="a recipe JSON file (instead of --scheme/--method/--option/--ignore/--targets)"),
+    scheme: str = typer.Option(
+        defaults.SCHEME,
+        help="a preset (W4A16, W8A16, W8A8, FP8, FP8_DYNAMIC, ...) or wBITS[gGROUP][-asym][-OBSERVER], "
+        "e.g. w8, w4g128, w4g128-asym, w3g128, w2g64-asym, nf4, fp8_e4m3"),
+    method: str = typer.Option(
+        defaults.METHOD, help="rtn, gptq, awq, hqq, or stages joined by + (awq+gptq: AWQ's scales, then GPTQ)"),
+    recipe: Path | None = typer.Option(
+        None, help="a recipe JSON file (instead of --scheme/--method/--option/--ignore/--targets)"),
     option: list[str] = typer.Option([], "--option", help="method option key=value (repeatable)"),
-    ignore: list[str] = typer.Option([], help="layer name or re:pattern to keep in float, besides lm_head (repeatable)"),
-    targets: list[str] = typer.Option([], help="layer name or re:pattern to quantize (repeatable; default all linears)"),
-    calib: str = typer.Option(defaults.CALIBRATION_SOURCE, help="calibration text: wiki, lee, a .txt/.jsonl file or a hub dataset"),
+    ignore: list[str] = typer.Option(
+        [], help="layer name or re:pattern to keep in float, besides lm_head (repeatable)"),
+    targets: list[str] = typer.Option(
+        [], help="layer name or re:pattern to quantize (repeatable; default all linears)"),
+    calib: str = typer.Option(
+        defaults.CALIBRATION_SOURCE,
+        help="calibration text: wiki, lee, a .txt/.jsonl file or a hub dataset; data-free methods (rtn, hqq) "
+        "use it only when given, to measure each layer's output error"),
     samples: int = typer.Option(defaults.CALIBRATION_SAMPLES, help="calibration samples"),
     seq_len: int = typer.Option(defaults.CALIBRATION_SEQ_LEN, help="tokens per calibration sample"),
     seed: int = typer.Option(defaults.CALIBRATION_SEED, help="calibration sampling seed"),
     batch_size: int = typer.Option(defaults.BATCH_SIZE, help="calibration samples per forward pass"),
-    lazy: bool = typer.Option(True, help="read layer weights from disk only when needed (--no-lazy loads the whole model)"),
-    device: Optional[str] = typer.Option(None, help="compute device for each layer, e.g. cuda"),
-    low_memory: bool = typer.Option(False, help="return freed memory to the system at once: lower peak, slower (docs/results.md)"),
+    lazy: bool = typer.Option(
+        True, help="read layer weights from disk only when needed (--no-lazy loads the whole model)"),
+    device: str | None = typer.Option(None, help="compute device for each layer, e.g. cuda"),
+    low_memory: bool = typer.Option(
+        False, help="return freed memory to the system at once: lower peak, slower (docs/results.md)"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder that lowbit wrote (nothing else)"),
-    keep_nonfinite_float: bool = typer.Option(False, "--keep-nonfinite-float", help="keep a linear whose weights or scales are NaN/Inf in float (listed in the report) instead of refusing"),
+    keep_nonfinite_float: bool = typer.Option(
+        False, "--keep-nonfinite-float",
+        help="keep a linear whose weights or scales are NaN/Inf in float (listed in the report) instead of refusing"),
     quiet: bool = typer.Option(False, help="no progress bars or info logs"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
@@ -218,6 +236,7 @@ def quantize(
     from lowbit import io
     from lowbit.data.calibration import CalibrationSpec
     from lowbit.data.text import documents
+    from lowbit.models.load import needs_conversion_or_download, resolve_model
     from lowbit.outputs import check_output
     from lowbit.quantize import quantize_pretrained
 
@@ -228,9 +247,15 @@ def quantize(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     dev = _check_device(device)
+    data_free = not any(stage.needs for stage in r.build_stages())
+    if data_free and not _given(ctx, "calib"):
+        spec = None  # data-free: no calibration forward passes unless --calib asks for them
+    else:
+        documents(spec.source, spec.split)  # an unreadable calibration text fails now (it is cached)
+    if not needs_conversion_or_download(model):
+        resolve_model(model)  # a local folder: its config is read now, its weights later
     out = check_output(out, overwrite=overwrite, sources=_source_paths(model),
                        need_bytes=_min_output_bytes(model))
-    documents(spec.source, spec.split)  # an unreadable calibration text fails now (it is cached)
     if low_memory:
         from lowbit.memory import serve_large_blocks_with_mmap
 
@@ -249,17 +274,18 @@ def quantize(
         "out": str(path), "model": model, "scheme": r.scheme.name(), "method": r.method,
         "layers": len(report.layers), "bits_per_weight": round(report.bits_per_weight, 3),
         "seconds": round(report.seconds, 1), "peak_rss_mb": report.extra["peak_rss_mb"],
-        "kept_float": list(getattr(report, "kept_float", [])),
+        "mean_output_error": report.to_dict()["mean_output_error"],
+        "kept_float": list(report.kept_float),
     }
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
-        for kept in summary["kept_float"]:
-            err_console.print(f"warning: kept in float: {kept}", highlight=False, markup=False)
         console.print(
             f"quantized {summary['layers']} layers of {model} with {r.method} {r.scheme.name()} "
             f"({summary['bits_per_weight']} bits/weight) in {summary['seconds']} s, "
-            f"peak memory {summary['peak_rss_mb']:.0f} MB -> {path}",
+            f"peak memory {summary['peak_rss_mb']:.0f} MB"
+            + (f", mean output error {report.mean_output_error:.4g}" if report.mean_output_error is not None else "")
+            + f" -> {path}",
             highlight=False, markup=False,
         )
 
@@ -302,7 +328,8 @@ def eval_(
     source: str = typer.Option(defaults.EVAL_SOURCE, help="evaluation text (its evaluation split)"),
     tokens: int = typer.Option(defaults.EVAL_TOKENS, help="evaluation tokens (whole windows)"),
     window: int = typer.Option(defaults.EVAL_WINDOW, help="tokens per window"),
-    stride: Optional[int] = typer.Option(None, help="window stride (default: the window; smaller scores with extra context)"),
+    stride: int | None = typer.Option(
+        None, help="window stride (default: the window; smaller scores with extra context)"),
     quiet: bool = typer.Option(False, help="no progress bars or info logs"),
     as_json: bool = typer.Option(False, "--json", help="print the same content as JSON"),
 ):
@@ -426,7 +453,7 @@ def compare(
                 "perplexity", "ppl change", "mean KL", "KL p99", "top-1"):
         table.add_column(col, justify="left" if col in ("scheme", "method") else "right")
     for r in rows:
-        output_error = "-" if r.output_error is None else f"{r.output_error:.4f}"
+        output_error = "-" if r.output_error is None else f"{r.output_error:.2e}"
         table.add_row(r.scheme, r.method, f"{r.bits_per_weight:.3f}", f"{r.quantized_mb:.1f}",
                       f"{r.seconds:.1f}", f"{r.peak_rss_mb:.0f}", output_error, f"{r.perplexity:.3f}",
                       f"{r.ppl_change_pct:+.1f}%", f"{r.mean_kl:.4f}", f"{r.p99_kl:.3f}",

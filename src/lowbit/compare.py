@@ -5,6 +5,9 @@ quantized by ``quantize_pretrained`` and saved with ``io.save`` in a fresh proce
 (multiprocessing "spawn"), so its time and peak resident memory are its own and the runs'
 memory peaks never add up. Once every run is saved, the float baseline is loaded and each result
 is scored against it on identical windows.
+
+A script that calls ``compare_methods`` must do so under ``if __name__ == "__main__":``: "spawn"
+imports the script again in each run's process.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def compare_methods(
     from lowbit import io
     from lowbit.contents import inspect_folder
     from lowbit.data.calibration import evaluation_tokens
+    from lowbit.data.text import documents
     from lowbit.eval.metrics import compare_models
     from lowbit.models.load import load_model, load_tokenizer
 
@@ -78,6 +82,7 @@ def compare_methods(
     runs = {(s, m): Recipe(scheme=s, method=m) for s in schemes for m in methods}
     if not runs:
         raise ConfigError("compare needs at least one scheme and one method")
+    documents(calibration.source, calibration.split)  # an unreadable calibration text fails now
     ids = evaluation_tokens(load_tokenizer(model), source=source, max_tokens=tokens)
     rows: list[CompareRow] = []
     with _output_folder(keep) as folder:

@@ -35,7 +35,12 @@ from lowbit.core.tensor import QuantizedTensor
 from lowbit.errors import ConfigError, ModelLoadError, OutputError
 from lowbit.nn.linear import ACTIVATION_FIELDS, QuantizedLinear
 from lowbit.outputs import (
-    PARTIAL_MARKER, check_output, describe_os_error, signals_deferred, sweep_stale, temp_folder,
+    PARTIAL_MARKER,
+    check_output,
+    describe_os_error,
+    signals_deferred,
+    sweep_stale,
+    temp_folder,
     temp_name,
 )
 
@@ -159,18 +164,21 @@ def _shards(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
 def _replace(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is renamed aside first and deleted after.
     Signals wait until both renames are done, so an interrupt never leaves ``out`` missing."""
-    with signals_deferred():
-        if not out.exists():
-            os.replace(tmp, out)
-            return
-        old = temp_name(out.parent, out.name, "old")
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(old, out)
-            raise
-    shutil.rmtree(old, ignore_errors=True)
+    old = None
+    try:
+        with signals_deferred():
+            if out.exists():
+                old = temp_name(out.parent, out.name, "old")
+                os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, out)
+                raise
+    finally:  # also when a held-back signal is delivered at the end of the block
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_quantization_config(folder: str | Path) -> dict:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowbit.data.calibration import BATCH_SIZE
+from lowbit.defaults import BATCH_SIZE
 from lowbit.errors import ConfigError
 from lowbit.methods.base import Target
 from lowbit.models.arch import Architecture, get_architecture

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowbit import defaults
 from lowbit.core.names import check_patterns, name_matches
 from lowbit.core.scheme import Scheme, parse_scheme
 from lowbit.errors import ConfigError
-from lowbit.methods.base import Stage, resolve_stages, stage_names
+from lowbit.methods.base import Stage, resolve_stages, stage_names, typed_options
 from lowbit.observers import OBSERVERS
 
 RECIPE_VERSION = 2
@@ -32,8 +33,8 @@ DEFAULT_IGNORE = ("lm_head",)
 
 @dataclass(frozen=True)
 class Recipe:
-    scheme: Scheme = field(default_factory=lambda: parse_scheme("W4A16"))
-    method: str = "rtn"
+    scheme: Scheme = field(default_factory=lambda: parse_scheme(defaults.SCHEME))
+    method: str = defaults.METHOD
     method_options: dict[str, Any] = field(default_factory=dict)
     targets: tuple[str, ...] = ("re:.*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
@@ -51,9 +52,10 @@ class Recipe:
             raise ConfigError("overrides must be a list of [pattern, scheme] pairs") from None
         object.__setattr__(self, "overrides", overrides)
         check_patterns(self.targets + self.ignore + tuple(p for p, _ in self.overrides), "recipe")
-        object.__setattr__(self, "method", "+".join(stage_names(self.method)) if "+" in self.method
-                           else self.method.strip().lower())
-        self.build_stages()  # unknown stages or options fail here, not after loading a model
+        stage_names(self.method)  # a bad method string fails here
+        object.__setattr__(self, "method", "+".join(t.strip().lower() for t in self.method.split("+")))
+        # Unknown stages or options fail here, not after loading a model; values get their types.
+        object.__setattr__(self, "method_options", typed_options(self.method, self.method_options))
         for scheme in (self.scheme, *(s for _, s in self.overrides)):
             for args in (scheme.weights, scheme.input_activations, scheme.output_activations):
                 if args is not None and not args.dynamic:

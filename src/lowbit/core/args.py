@@ -127,10 +127,10 @@ class QuantArgs:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "QuantArgs":
+    def from_dict(cls, data: dict) -> QuantArgs:
         return from_dict(cls, data, "quantization scheme")
 
-    def with_(self, **changes) -> "QuantArgs":
+    def with_(self, **changes) -> QuantArgs:
         return replace(self, **changes)
 
 

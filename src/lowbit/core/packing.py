@@ -1,10 +1,10 @@
 """Bit packing of unsigned b-bit codes (1 <= b <= 8) along the last dimension.
 
 Layout (the one canonical layout; exporters and kernels repack from it): the last dimension is
-padded with zeros (except for 8-bit codes, stored as they are) to a multiple of 8 codes; each run of 8 codes c0..c7 forms the little-endian
-bit string ``sum(c_j << (b * j))`` of ``b`` bytes. So 4-bit codes put c0 in the low nibble of
-byte 0, 2-bit codes put c0..c3 in bits 0-1, 2-3, 4-5, 6-7 of byte 0, and 3-bit codes fill
-3 bytes per 8 codes.
+padded with zeros (except for 8-bit codes, stored as they are) to a multiple of 8 codes; each
+run of 8 codes c0..c7 forms the little-endian bit string ``sum(c_j << (b * j))`` of ``b``
+bytes. So 4-bit codes put c0 in the low nibble of byte 0, 2-bit codes put c0..c3 in bits 0-1,
+2-3, 4-5, 6-7 of byte 0, and 3-bit codes fill 3 bytes per 8 codes.
 """
 
 from __future__ import annotations

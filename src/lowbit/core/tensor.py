@@ -63,7 +63,7 @@ class QuantizedTensor:
     @classmethod
     def from_codes(
         cls, codes, scale, zero_point, fmt: NumberFormat, block_size, dtype, group_index=None
-    ) -> "QuantizedTensor":
+    ) -> QuantizedTensor:
         block_size = tuple(block_size)
         expected = grid_shape(codes.shape, block_size)
         if group_index is not None:
@@ -111,7 +111,7 @@ class QuantizedTensor:
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / self.numel
 
-    def to(self, device) -> "QuantizedTensor":
+    def to(self, device) -> QuantizedTensor:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return QuantizedTensor(
             self.qdata.to(device), self.scale.to(device), move(self.zero_point), self.format,
@@ -139,7 +139,7 @@ class QuantizedTensor:
         }
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "QuantizedTensor":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> QuantizedTensor:
         fmt = get_format(meta["format"])
         scale = tensors["scale"]
         zp = tensors.get("zero_point")

@@ -16,7 +16,6 @@ import torch
 from lowbit import defaults
 from lowbit.core.records import from_dict, to_dict
 from lowbit.data.text import SPLITS, DataError, documents
-from lowbit.defaults import BATCH_SIZE  # noqa: F401 (lowbit.quantize imports it from here)
 
 log = logging.getLogger(__name__)
 

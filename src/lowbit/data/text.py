@@ -27,6 +27,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from lowbit import defaults
 from lowbit.errors import LowbitError
 
 SPLITS = ("calibration", "evaluation", "all")
@@ -43,7 +44,7 @@ class DataError(LowbitError, ValueError):
     """A text source or calibration setting cannot be used."""
 
 
-def documents(source: str = "wiki", split: str = "calibration") -> list[str]:
+def documents(source: str = defaults.CALIBRATION_SOURCE, split: str = "calibration") -> list[str]:
     """The documents of ``split`` from ``source``, in a fixed order (see the module docstring)."""
     if split not in SPLITS:
         raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")

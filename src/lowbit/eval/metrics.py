@@ -252,7 +252,9 @@ def config_differences(model, reference) -> list[str]:
     configs = []
     for m in (model, reference):
         config = getattr(m, "config", None)
-        configs.append(getattr(config, "get_text_config", lambda c=config: c)() if config is not None else None)
+        if config is not None:  # multimodal configs keep the text model's fields on a sub-config
+            config = getattr(config, "get_text_config", lambda c=config: c)()
+        configs.append(config)
     if any(c is None for c in configs):
         return []
     out = []

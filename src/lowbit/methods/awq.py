@@ -45,7 +45,13 @@ from lowbit.core.quantize import block_range, fake_quantize, quantize
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.errors import ConfigError
 from lowbit.methods.base import (
-    DEFAULT_INPUT_ROWS, LayerResult, LinearStats, Quantizer, Target, Transform, register_stage,
+    DEFAULT_INPUT_ROWS,
+    LayerResult,
+    LinearStats,
+    Quantizer,
+    Target,
+    Transform,
+    register_stage,
 )
 from lowbit.methods.rtn import observed_quantize
 

@@ -264,16 +264,16 @@ def stage_names(method: str) -> list[str]:
     return names
 
 
-def split_options(names: list[str], options: dict[str, Any], method: str) -> list[dict[str, Any]]:
-    """Distribute ``options`` over the stages ``names``: ``stage.key`` (or ``alias.key``) goes to
+def option_owners(names: list[str], options: dict[str, Any], method: str) -> dict[str, list[int]]:
+    """Which of the stages ``names`` each option goes to: ``stage.key`` (or ``alias.key``) to
     that stage, a bare ``key`` to every stage whose config has that field."""
     fields = {n: {f.name for f in dataclasses.fields(STAGES.get(n).Config)} for n in names}
-    out: list[dict[str, Any]] = [{} for _ in names]
-    for key, value in options.items():
+    owners: dict[str, list[int]] = {}
+    for key in options:
         prefix, dot, bare = key.rpartition(".")
         if dot:
-            owners = set(ALIASES.get(prefix, ()) + (DEFAULT_QUANTIZER.get(prefix, ""), prefix))
-            chosen = [i for i, n in enumerate(names) if n in owners]
+            named = set(ALIASES.get(prefix, ()) + (DEFAULT_QUANTIZER.get(prefix, ""), prefix))
+            chosen = [i for i, n in enumerate(names) if n in named]
             if not chosen:
                 raise ConfigError(f"option {key!r}: {prefix!r} is not a stage of method {method!r} "
                                   f"(stages: {', '.join(names)})")
@@ -284,16 +284,27 @@ def split_options(names: list[str], options: dict[str, Any], method: str) -> lis
             allowed = sorted({f for n in names for f in fields[n]})
             raise ConfigError(f"unknown option {key!r} for method {method!r}; options: "
                               f"{', '.join(allowed) or 'none'}")
-        for i in chosen:
-            out[i][bare] = value
-    return out
+        owners[key] = chosen
+    return owners
 
 
 def resolve_stages(method: str, options: dict[str, Any] | None = None) -> list[Stage]:
     """Stage objects for a method string and its options (validated: a typo is an error)."""
     names = stage_names(method)
-    per_stage = split_options(names, dict(options or {}), method)
+    options = dict(options or {})
+    per_stage: list[dict[str, Any]] = [{} for _ in names]
+    for key, chosen in option_owners(names, options, method).items():
+        for i in chosen:
+            per_stage[i][key.rpartition(".")[2]] = options[key]
     return [STAGES.get(n)(opts) for n, opts in zip(names, per_stage, strict=True)]
+
+
+def typed_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with each value as its stage's config holds it (text from a command line
+    becomes the field's type: ``"false"`` -> False)."""
+    stages = resolve_stages(method, options)
+    owners = option_owners(stage_names(method), options, method)
+    return {key: getattr(stages[owners[key][0]].config, key.rpartition(".")[2]) for key in options}
 
 
 def get_method(name: str, config: Any = None) -> Stage:

@@ -106,6 +106,20 @@ def resolve_model(spec: str | os.PathLike | ModelSource) -> ModelSource:
     )
 
 
+def needs_conversion_or_download(spec: str | os.PathLike) -> bool:
+    """Whether ``resolve_model(spec)`` may convert a GGUF file or fetch from the hub (slow);
+    otherwise it only reads a config file and can be called to check a request early."""
+    text = os.fspath(spec)
+    if get_bundled(text) is not None:
+        return True
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path.suffix.lower() == ".gguf"
+    if path.is_dir():
+        return not (path / "config.json").is_file() and len(list(path.glob("*.gguf"))) == 1
+    return bool(_HUB_ID.match(text)) and not text.lower().endswith(".gguf")
+
+
 def _resolve_folder(folder: Path, name: str | None = None) -> ModelSource:
     if not (folder / "config.json").is_file():
         ggufs = sorted(folder.glob("*.gguf"))
@@ -228,19 +242,25 @@ def _cached_conversion(
 def convert_gguf(gguf_path: Path, out: Path) -> None:
     """Dequantize a GGUF checkpoint with transformers and save it as a plain float32 folder:
     safetensors, config.json (without the GGUF quantization_config), generation config and
-    tokenizer files."""
+    tokenizer files. The file's structure is checked first (``check_gguf``), and the result
+    must fill every parameter of the model (a renamed tensor would leave one random)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf_path)
     where, name = str(gguf_path.parent), gguf_path.name
     try:
         config = AutoConfig.from_pretrained(where, gguf_file=name, local_files_only=True)
     except Exception as err:  # gguf-py and transformers raise many kinds for a bad file
-        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {_first_line(err)}") from err
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {_first_line(err)}") from None
     architecture_for(config.model_type)  # before the slow part
-    model = AutoModelForCausalLM.from_pretrained(
-        where, gguf_file=name, dtype=torch.float32, local_files_only=True
-    )
-    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name, local_files_only=True)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            where, gguf_file=name, dtype=torch.float32, local_files_only=True, output_loading_info=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name, local_files_only=True)
+    except Exception as err:  # as above: a header that parses may still describe nonsense
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {_first_line(err)}") from None
+    _check_loading_info(info, gguf_path)
     # The weights are now dense float32: drop the GGUF quantizer so the folder saves and
     # reloads as an ordinary checkpoint.
     model.hf_quantizer = None
@@ -248,6 +268,64 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+_GGUF_KEYS = ("block_count", "embedding_length", "attention.head_count", "attention.head_count_kv")
+"""Header fields every GGUF causal LM of a supported architecture has (``ARCH.`` + key)."""
+
+
+def check_gguf(path: Path) -> None:
+    """Check a GGUF file's structure before its weights are read: it parses (gguf-py), its
+    tensors follow each other in the data section as GGUF writers place them (so no header
+    offset, shape or type was changed to point at other bytes), lie inside the file, hold
+    floats or a quantized format (not integers), and not both F16 and BF16. ModelLoadError."""
+    from gguf import GGMLQuantizationType as T, GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        tensors = sorted(reader.tensors, key=lambda t: t.data_offset)
+        align, position = int(reader.alignment), int(reader.data_offset)
+        arch = reader.fields["general.architecture"].contents()
+    except Exception as err:  # gguf-py raises many kinds (ValueError, IndexError, KeyError...)
+        raise ModelLoadError(
+            f"cannot read GGUF file {path}: {_first_line(err)}; it is truncated or corrupt"
+        ) from None
+    # transformers silently skips un-permuting q/k (or guesses sizes) without these.
+    missing = [k for k in _GGUF_KEYS if f"{arch}.{k}" not in reader.fields]
+    if missing:
+        raise ModelLoadError(f"{path} lacks {', '.join(f'{arch}.{k}' for k in missing)}; it is "
+                             "corrupt or not a complete model")
+    size = path.stat().st_size
+    integer = {T.I8, T.I16, T.I32, T.I64}
+    types = {}
+    for t in tensors:
+        if t.tensor_type in integer:
+            raise ModelLoadError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, not as "
+                                 "floats or a quantized format; its header is wrong or the file is corrupt")
+        if int(t.data_offset) != position:
+            raise ModelLoadError(f"{path} is corrupt: tensor {t.name} starts at byte {int(t.data_offset)}, "
+                                 f"where {position} was expected (a header field was changed)")
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.nbytes != int(t.n_bytes):
+            raise ModelLoadError(f"{path} is truncated: tensor {t.name} ends at byte {end}, the file has {size}")
+        position = -(-end // align) * align
+        types.setdefault(t.tensor_type, t.name)
+    if tensors and size - end >= align:
+        raise ModelLoadError(f"{path} is corrupt: {size - end} bytes follow its last tensor")
+    if T.F16 in types and T.BF16 in types:
+        raise ModelLoadError(f"{path}: tensors are stored both as F16 ({types[T.F16]}) and BF16 "
+                             f"({types[T.BF16]}); a header relabels a dtype or the file is corrupt")
+
+
+def _check_loading_info(info: dict, where) -> None:
+    """Refuse a checkpoint whose tensors are not exactly the model's parameters."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(map(str, info.get(kind) or ()))
+        if keys:
+            raise ModelLoadError(
+                f"{where}: the checkpoint does not fit its config ({kind.replace('_', ' ')}: "
+                f"{', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}); it is corrupt or incomplete"
+            )
 
 
 def _write_marker(out: Path, fingerprint: dict[str, str]) -> None:
@@ -265,18 +343,20 @@ def _write_marker(out: Path, fingerprint: dict[str, str]) -> None:
 def _publish(built: Path, folder: Path) -> None:
     """Rename ``built`` to ``folder``; a stale ``folder`` is moved aside first and deleted."""
     stale = None
-    with signals_deferred():
-        if folder.exists():
-            stale = temp_name(folder.parent, folder.name, "old")
-            os.replace(folder, stale)
-        try:
-            os.replace(built, folder)
-        except OSError:
-            # Another process published the same conversion first: keep theirs.
-            if not (folder / MARKER).is_file():
-                raise
-    if stale is not None:
-        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        with signals_deferred():
+            if folder.exists():
+                stale = temp_name(folder.parent, folder.name, "old")
+                os.replace(folder, stale)
+            try:
+                os.replace(built, folder)
+            except OSError:
+                # Another process published the same conversion first: keep theirs.
+                if not (folder / MARKER).is_file():
+                    raise
+    finally:  # also when a held-back signal is delivered at the end of the block
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _mkdir(path: Path) -> Path:
@@ -347,13 +427,7 @@ def load_model(
             source.folder, dtype=dtype, local_files_only=True, output_loading_info=True
         ),
     )
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(map(str, info.get(kind) or ()))
-        if keys:
-            raise ModelLoadError(
-                f"{source.folder}: the checkpoint does not fit its config ({kind.replace('_', ' ')}: "
-                f"{', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}); it is corrupt or incomplete"
-            )
+    _check_loading_info(info, source.folder)
     if check_finite:
         for name, t in model.state_dict().items():
             refuse_nonfinite(t, name, source.folder)
@@ -361,26 +435,11 @@ def load_model(
 
 
 def check_float_checkpoint(folder: Path) -> None:
-    """Check the safetensors files of a float checkpoint without reading its weights: headers
-    well-formed and filling their files, every tensor stored as floats, and not a mix of float16
-    and bfloat16 (a header that relabels a tensor's dtype). Raises ModelLoadError."""
-    from lowbit.pipeline.lazy import FLOAT_DTYPES, read_header, weight_files
+    """Check the safetensors files of a float checkpoint without reading its weights (see
+    ``lowbit.pipeline.lazy.check_float_tensors``). Raises ModelLoadError."""
+    from lowbit.pipeline.lazy import Checkpoint, check_float_tensors
 
-    seen: dict[str, str] = {}
-    for file in weight_files(folder):
-        entries, _ = read_header(file)
-        for name, entry in entries.items():
-            if entry.dtype not in FLOAT_DTYPES:
-                raise ModelLoadError(
-                    f"{file}: tensor {name} is stored as {entry.dtype}, not as floats; the header is "
-                    "wrong or the file is corrupt"
-                )
-            seen.setdefault(entry.dtype, name)
-    if "F16" in seen and "BF16" in seen:
-        raise ModelLoadError(
-            f"{folder}: tensors are stored both as F16 ({seen['F16']}) and BF16 ({seen['BF16']}); "
-            "one header relabels its dtype or the files come from different checkpoints"
-        )
+    check_float_tensors(Checkpoint(folder))
 
 
 def _guarded(source: ModelSource, load: Callable):

@@ -34,7 +34,7 @@ def to_device(obj, device):
 
 
 class _Recorder(nn.Module):
-    def __init__(self, index: int, record: "LayerInputs"):
+    def __init__(self, index: int, record: LayerInputs):
         super().__init__()
         self.index = index
         self.record = record

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from lowbit.core.scheme import Scheme
 from lowbit.core.tensor import QuantizedTensor
-from lowbit.errors import ConfigError, LowbitError
+from lowbit.errors import ConfigError, NonFiniteError
 from lowbit.methods.base import LayerResult, LinearStats, Quantizer, Stage, Target, Transform
 from lowbit.models.arch import Architecture, ScaleMapping, decoder_layers
 from lowbit.models.fold import fold_scales, skip_reason
@@ -42,10 +42,6 @@ from lowbit.pipeline.lazy import Checkpoint
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("error", "float")
-
-
-class NonFiniteError(LowbitError):
-    """A weight or a computed scale is NaN or infinite."""
 
 
 @dataclass

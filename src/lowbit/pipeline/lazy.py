@@ -232,6 +232,23 @@ class Checkpoint:
             owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
+def check_float_tensors(checkpoint: Checkpoint) -> None:
+    """Refuse a float checkpoint (the input of quantization) holding a tensor not stored as
+    floats, or tensors stored both as F16 and BF16: both mean a header that relabels a tensor's
+    dtype (or files from different checkpoints), whose values would be read as garbage."""
+    seen: dict[str, str] = {}
+    for name, entry in checkpoint.entries.items():
+        if entry.dtype not in FLOAT_DTYPES:
+            raise ModelLoadError(f"{checkpoint.files[name]}: tensor {name} is stored as {entry.dtype}, "
+                                 "not as floats; its header is wrong or the file is corrupt")
+        seen.setdefault(entry.dtype, name)
+    if "F16" in seen and "BF16" in seen:
+        raise ModelLoadError(
+            f"{checkpoint.folder}: tensors are stored both as F16 ({seen['F16']}) and BF16 "
+            f"({seen['BF16']}); a header relabels a dtype or the files come from different checkpoints"
+        )
+
+
 def check_finite(t: torch.Tensor, name: str, where: str | Path) -> None:
     """Refuse a floating-point tensor holding NaN or Inf, naming it."""
     if t.is_floating_point() and t.numel():
@@ -243,13 +260,15 @@ def check_finite(t: torch.Tensor, name: str, where: str | Path) -> None:
 
 def lazy_model(folder: str | Path, layers_path: str, dtype: torch.dtype = torch.float32,
                check_finite: bool = False):
-    """The model at ``folder`` with only its non-layer weights loaded; returns (model, checkpoint).
+    """The float model at ``folder`` with only its non-layer weights loaded; returns
+    (model, checkpoint). Headers are checked first (``check_float_tensors``).
 
     check_finite: refuse tensors holding NaN or Inf as they are read (``Checkpoint``)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     checkpoint = Checkpoint(folder, check_finite=check_finite)
+    check_float_tensors(checkpoint)
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as err:
