@@ -1,7 +1,7 @@
 """Time QuantizedLinear's kernels against float F.linear on SmolLM2-135M's linear shapes.
 
-    python benchmarks/kernels.py                 # 2 threads, batch 1 and 512, ~1-2 minutes
-    python benchmarks/kernels.py --threads 1 --batches 1,16
+    python benchmarks/kernel_speed.py                 # 2 threads, batch 1 and 512, ~1-2 minutes
+    python benchmarks/kernel_speed.py --threads 1 --batches 1,16
 
 Prints one table (markdown): milliseconds per call (median and best of the repeats after a
 warm-up call) and the ratio to float32 F.linear measured in the same run. Random weights: kernel
