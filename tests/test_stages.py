@@ -12,11 +12,11 @@ from lowbit.core.scheme import PRESETS, Scheme, parse_scheme
 from lowbit.errors import ConfigError
 from lowbit.methods import HessianStats, LinearStats, resolve_stages, stage_names
 from lowbit.methods.awq import AWQClip, AWQScale
+from lowbit.methods.base import relative_output_error
 from lowbit.methods.gptq import GPTQ
 from lowbit.models.tiny import tiny_model
 from lowbit.nn import QuantizedLinear
 from lowbit.nn.linear import ActivationQuantizationError, weights_only
-from lowbit.pipeline.layerwise import relative_output_error
 from lowbit.quantize import quantize
 from lowbit.recipe import Recipe
 
@@ -146,7 +146,7 @@ def test_relative_output_error_matches_its_definition():
     stats = HessianStats.empty(48)
     stats.add(x)
     expected = float((x @ w.T - x @ q.dequantize().T).pow(2).sum() / (x @ w.T).pow(2).sum())
-    assert relative_output_error(w, q, stats.hessian) == pytest.approx(expected, rel=1e-4)
+    assert relative_output_error(w, q.dequantize(), stats.hessian) == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("method", ["rtn", "hqq", "gptq", "awq", "awq+gptq"])
@@ -187,7 +187,7 @@ def test_transformed_statistics_give_the_original_layers_error():
     stats.divide(s)
     q = resolve_stages("rtn")[0].quantize_weight(w * s, parse_args("w4g8"), None).qweight
     expected = float((x @ w.T - (x / s) @ q.dequantize().T).pow(2).sum() / (x @ w.T).pow(2).sum())
-    assert relative_output_error(w * s, q, stats["hessian"].hessian) == pytest.approx(expected, rel=1e-4)
+    assert relative_output_error(w * s, q.dequantize(), stats["hessian"].hessian) == pytest.approx(expected, rel=1e-4)
 
 
 # -- activation schemes: saved, loaded, shown; refused at run time -------------------------------

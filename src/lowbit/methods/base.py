@@ -19,7 +19,6 @@ gate/up) share one ``LinearStats``. A stage never knows how its result is saved.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,8 +30,6 @@ from lowbit.core.records import from_dict
 from lowbit.core.registry import Registry
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 # Input rows an ``InputStats`` keeps when its stage's config does not say.
 DEFAULT_INPUT_ROWS = 4096
@@ -113,6 +110,15 @@ class InputStats:
     @property
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(1, self.rows)
+
+
+def relative_output_error(weight: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor) -> float:
+    """The measure every linear reports: tr(D H D^T) / tr(W H W^T) with D = W - Q, i.e.
+    ||X W^T - X Q^T||^2 / ||X W^T||^2 for H = 2/n X^T X. ``q``: the dequantized weight."""
+    w = weight.to(hessian.device, torch.float32)
+    d = w - q.to(hessian.device, torch.float32)
+    den = float(((w @ hessian) * w).sum())
+    return float(((d @ hessian) * d).sum()) / den if den > 0 else 0.0
 
 
 STATISTICS: Registry[type] = Registry("statistic")

@@ -36,7 +36,7 @@ from lowbit.core.qparams import qparams_from_range
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.core.values import dequantize_values, quantize_values
 from lowbit.errors import ConfigError, LowbitError
-from lowbit.methods.base import LayerResult, LinearStats, Quantizer, register_stage
+from lowbit.methods.base import LayerResult, LinearStats, Quantizer, register_stage, relative_output_error
 from lowbit.observers import observed_range
 
 log = logging.getLogger(__name__)
@@ -176,15 +176,6 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
         codes, scale, zero, fmt, block, weight.dtype, group_index=group_index
     )
     return GPTQOutput(qweight, Q, relative_output_error(weight, Q, H0), damp)
-
-
-def relative_output_error(weight: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr((W-Q) H (W-Q)^T) / tr(W H W^T): ||(W - Q) X^T||^2 / ||W X^T||^2 for H from X."""
-    W = weight.to(torch.float32)
-    E = W - q.to(torch.float32)
-    num = float(((E @ hessian) * E).sum())
-    den = float(((W @ hessian) * W).sum())
-    return num / den if den > 0 else 0.0
 
 
 def _inverse_cholesky(H: torch.Tensor, config: GPTQConfig) -> tuple[torch.Tensor, float]:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from lowbit.core.scheme import Scheme
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.errors import ConfigError, NonFiniteError
-from lowbit.methods.base import LayerResult, LinearStats, Quantizer, Stage, Target, Transform
+from lowbit.methods.base import LayerResult, LinearStats, Quantizer, Stage, Target, Transform, relative_output_error
 from lowbit.models.arch import Architecture, ScaleMapping, decoder_layers
 from lowbit.models.fold import fold_scales, skip_reason
 from lowbit.nn.linear import QuantizedLinear, weights_only
@@ -165,8 +165,10 @@ def install(parent: nn.Module, target: Target, result: LayerResult, stats: Linea
     weight = target.module.weight.data
     hessian = None if stats is None else stats.get("hessian")
     error = None
-    if hessian is not None and hessian.rows > 0:
-        error = relative_output_error(weight, result.qweight, hessian.hessian)
+    if plan.quantizer.objective == "relative_output_error":  # GPTQ minimised it: computed already
+        error = float(result.objective)
+    elif hessian is not None and hessian.rows > 0:
+        error = relative_output_error(weight, result.qweight.dequantize(torch.float32), hessian.hessian)
     scheme = target.scheme or Scheme(target.args)
     bias = target.module.bias.data if target.module.bias is not None else None
     parent.set_submodule(target.local_name, QuantizedLinear(
@@ -182,14 +184,6 @@ def propagate(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) 
     with torch.no_grad(), weights_only(layer):
         for j, kw in enumerate(kwargs):
             hidden[j] = run_layer(layer, hidden[j], kw)
-
-
-def relative_output_error(weight: torch.Tensor, qweight: QuantizedTensor, hessian: torch.Tensor) -> float:
-    """tr(D H D^T) / tr(W H W^T), D = W - Q: ||X W^T - X Q^T||^2 / ||X W^T||^2 for H from X."""
-    w = weight.to(hessian.device, torch.float32)
-    d = w - qweight.dequantize(torch.float32).to(hessian.device)
-    den = float(((w @ hessian) * w).sum())
-    return float(((d @ hessian) * d).sum()) / den if den > 0 else 0.0
 
 
 def _nonfinite(t: torch.Tensor, what: str) -> str | None:
