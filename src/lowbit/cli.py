@@ -229,6 +229,9 @@ def quantize(
     keep_nonfinite_float: bool = typer.Option(
         False, "--keep-nonfinite-float",
         help="keep a linear whose weights or scales are NaN/Inf in float (listed in the report) instead of refusing"),
+    export_format: str | None = typer.Option(
+        None, "--format", help="write this format instead of lowbit's own: compressed-tensors, gptq, awq, "
+        "bitsandbytes, gguf[:FILE_TYPE] (see `lowbit export --help`)"),
     quiet: bool = typer.Option(False, help="no progress bars or info logs"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
@@ -247,6 +250,11 @@ def quantize(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     dev = _check_device(device)
+    writes = "folder"
+    if export_format:
+        from lowbit.export import parse_target
+
+        writes = parse_target(export_format)[0].writes
     data_free = not any(stage.needs for stage in r.build_stages())
     if data_free and not _given(ctx, "calib"):
         spec = None  # data-free: no calibration forward passes unless --calib asks for them
@@ -255,7 +263,7 @@ def quantize(
     if not needs_conversion_or_download(model):
         resolve_model(model)  # a local folder: its config is read now, its weights later
     out = check_output(out, overwrite=overwrite, sources=_source_paths(model),
-                       need_bytes=_min_output_bytes(model))
+                       need_bytes=_min_output_bytes(model), kind=writes)
     if low_memory:
         from lowbit.memory import serve_large_blocks_with_mmap
 
@@ -269,7 +277,11 @@ def quantize(
     report.extra["peak_rss_mb"] = round(peak_rss_mb(), 1)
     report.extra["lazy"] = lazy
     report.extra["low_memory"] = low_memory
-    path = io.save(qmodel, out, tokenizer=tokenizer, recipe=r, report=report.to_dict(), overwrite=overwrite)
+    if export_format:
+        path = Path(_export(qmodel, tokenizer, export_format, out, overwrite, model, None, progress).out)
+    else:
+        path = io.save(qmodel, out, tokenizer=tokenizer, recipe=report.recipe, report=report.to_dict(),
+                       overwrite=overwrite)
     summary = {
         "out": str(path), "model": model, "scheme": r.scheme.name(), "method": r.method,
         "layers": len(report.layers), "bits_per_weight": round(report.bits_per_weight, 3),
@@ -290,6 +302,72 @@ def quantize(
         )
 
 
+def _export(qmodel, tokenizer, target: str, out: Path, overwrite: bool, source_spec: str | None,
+            source_file: Path | None, progress: bool):
+    """Write an export and print what was written (types, fallbacks, lossy conversions)."""
+    import tempfile
+
+    from lowbit.export import export, parse_target
+    from lowbit.models.load import source_gguf
+
+    exporter, _ = parse_target(target)
+    with tempfile.TemporaryDirectory(prefix="lowbit-gguf-") as scratch:
+        gguf_file = source_file
+        if exporter.name == "gguf" and gguf_file is None and source_spec:
+            gguf_file = source_gguf(source_spec, Path(scratch))
+        sources = [source_spec] if source_spec and Path(source_spec).exists() else []
+        report = export(qmodel, tokenizer, target, out, overwrite=overwrite, sources=sources,
+                        source_gguf=gguf_file)
+    if progress:
+        for line in report.fallbacks:
+            console.print(f"fallback: {line}", highlight=False, markup=False)
+        for line in report.lossy:
+            console.print(f"lossy: {line}", highlight=False, markup=False)
+    return report
+
+
+@app.command("export")
+@friendly
+def export_(
+    folder: Path = typer.Argument(..., help="a quantized lowbit folder"),
+    export_format: str = typer.Option(
+        ..., "--format", help="compressed-tensors (vLLM, transformers), gptq, awq, bitsandbytes, or "
+        "gguf[:FILE_TYPE] (llama.cpp: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K_S/M/L, Q4_K_S/M, "
+        "Q5_K_S/M, Q6_K)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (a .gguf file for gguf)"),
+    source: Path | None = typer.Option(
+        None, help="gguf: the original model's .gguf file, whose architecture and tokenizer entries are "
+        "copied (default: the model the folder was quantized from, when that was a GGUF file)"),
+    overwrite: bool = typer.Option(False, help="replace an existing output that lowbit wrote (nothing else)"),
+    quiet: bool = typer.Option(False, help="no info lines"),
+    as_json: bool = typer.Option(False, "--json", help="print the export report as JSON"),
+):
+    """Write a quantized lowbit model in a format other engines load."""
+    from lowbit import io
+    from lowbit.export import check_exportable, parse_target
+    from lowbit.outputs import check_output
+
+    progress = _setup(quiet or as_json)
+    exporter, variant = parse_target(export_format)
+    check_output(out, overwrite=overwrite, sources=[folder], kind=exporter.writes)
+    qmodel, tokenizer = io.load(folder)
+    check_exportable(qmodel, exporter, variant)
+    origin = None
+    report_file = folder / "lowbit_report.json"
+    if report_file.is_file():
+        try:
+            made = json.loads(report_file.read_text())
+            origin = made.get("model_spec") or made.get("model")
+        except ValueError:
+            origin = None
+    report = _export(qmodel, tokenizer, export_format, out, overwrite, origin, source, progress)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    console.print(f"wrote {report.format} ({report.bits_per_weight:.3f} bits/weight over the quantized "
+                  f"linears, {len(report.fallbacks)} fallbacks) -> {report.out}", highlight=False, markup=False)
+
+
 def _load_any(spec: str):
     """A lowbit folder, or any model spec the loader accepts (float baseline); either is refused
     if a weight holds NaN or Inf."""
@@ -298,23 +376,44 @@ def _load_any(spec: str):
 
     if Path(spec).is_dir() and _is_lowbit(Path(spec)):
         return io.load(spec)
+    if Path(spec).is_dir():
+        from lowbit.export import read_checkpoint
+
+        found = read_checkpoint(spec)
+        if found is not None:
+            return found[0], found[1]
     return load_model(spec, check_finite=True)
 
 
 def _is_lowbit(folder: Path) -> bool:
-    from lowbit.outputs import is_lowbit_output
+    """A folder in lowbit's own format (not an export)."""
+    try:
+        qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "lowbit"
 
-    return is_lowbit_output(folder)
 
-
-def _size_row(spec: str) -> tuple[float, float]:
-    """(file size in MB, bits per weight of the quantized linears or of the float weights)."""
+def _size_row(spec: str, model=None) -> tuple[float, float]:
+    """(file size in MB, bits per weight of the quantized linears, NaN for a float model)."""
     from lowbit.contents import inspect_folder, tensor_bytes
     from lowbit.models.load import resolve_model
 
-    if Path(spec).is_dir() and _is_lowbit(Path(spec)):
+    path = Path(spec)
+    if path.is_dir() and _is_lowbit(path):
         info = inspect_folder(spec)
         return info.file_bytes / 1e6, info.bits_per_weight
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from lowbit.contents import gguf_linear_bits
+
+        return path.stat().st_size / 1e6, gguf_linear_bits(path)
+    if path.is_dir() and model is not None:
+        from lowbit.nn.linear import QuantizedLinear
+
+        layers = [m.qweight for m in model.modules() if isinstance(m, QuantizedLinear)]
+        if layers:
+            size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+            return size / 1e6, 8.0 * sum(q.nbytes for q in layers) / sum(q.numel for q in layers)
     folder = resolve_model(spec).folder
     sizes = tensor_bytes(Path(folder))
     return sum(sizes.values()) / 1e6, float("nan")
@@ -330,10 +429,17 @@ def eval_(
     window: int = typer.Option(defaults.EVAL_WINDOW, help="tokens per window"),
     stride: int | None = typer.Option(
         None, help="window stride (default: the window; smaller scores with extra context)"),
+    runtime: str = typer.Option(
+        "torch", help="torch (dequantized weights), or llama.cpp for a .gguf MODEL: also score the file as "
+        "llama.cpp runs it (top-10 KL and top-1 agreement, needs the xllamacpp wheel)"),
     quiet: bool = typer.Option(False, help="no progress bars or info logs"),
     as_json: bool = typer.Option(False, "--json", help="print the same content as JSON"),
 ):
-    """Measure MODEL against --baseline: size, bits/weight, perplexity, KL divergence, top-1."""
+    """Measure MODEL against --baseline: size, bits/weight, perplexity, KL divergence, top-1.
+
+    MODEL may be a lowbit folder, a compressed-tensors, GPTQ, AWQ or bitsandbytes folder (read
+    into lowbit with the same codes), a .gguf file of any type (its dequantized weights), or a
+    float model."""
     from lowbit.data.calibration import evaluation_tokens
     from lowbit.data.text import documents
     from lowbit.eval.metrics import check_window, compare_models, config_differences
@@ -342,6 +448,10 @@ def eval_(
     check_window(window, stride)
     if tokens < 2:
         raise ConfigError(f"--tokens must be at least 2, got {tokens}")
+    if runtime not in ("torch", "llama.cpp"):
+        raise ConfigError(f"--runtime must be torch or llama.cpp, got {runtime!r}")
+    if runtime == "llama.cpp" and not model.lower().endswith(".gguf"):
+        raise ConfigError("--runtime llama.cpp scores a .gguf file; export one with `lowbit export --format gguf`")
     documents(source, "evaluation")  # an unreadable text fails before the models load
     qmodel, tokenizer = _load_any(model)
     ref, _ = _load_any(baseline)
@@ -354,7 +464,7 @@ def eval_(
         )
     ids = evaluation_tokens(tokenizer, source=source, max_tokens=tokens)
     r = compare_models(qmodel, ref, ids, window=window, stride=stride, progress=progress)
-    q_mb, q_bits = _size_row(model)
+    q_mb, q_bits = _size_row(model, qmodel)
     b_mb, _ = _size_row(baseline)
     rows = [
         {"model": baseline, "size_mb": round(b_mb, 2), "bits_per_weight": None,
@@ -366,6 +476,13 @@ def eval_(
          "top1_agreement": round(r.top1_agreement, 4)},
     ]
     result = {"tokens_scored": r.num_scored, "window": r.window, "stride": r.stride, "source": source, "rows": rows}
+    if runtime == "llama.cpp":
+        from lowbit.eval.llamacpp import compare_with_llamacpp, llamacpp_server, model_logprobs
+
+        first = ids.flatten()[: min(window, r.num_scored + 1)].tolist()
+        with llamacpp_server(model, n_ctx=max(512, len(first) + 8)) as server:
+            cpp = compare_with_llamacpp(server, model_logprobs(ref, first), first)
+        result["llama_cpp"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in cpp.to_dict().items()}
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -380,6 +497,13 @@ def eval_(
             f"{row['p99_kl']:.4f}", f"{row['top1_agreement']:.3f}",
         )
     console.print(table)
+    if "llama_cpp" in result:
+        c = result["llama_cpp"]
+        console.print(
+            f"llama.cpp running {model} on the first {c['positions']} positions: top-{c['k']} KL against the "
+            f"baseline {c['top_k_kl']:.4f}, top-1 agreement {c['top1_agreement']:.3f} (restricted to llama.cpp's "
+            f"top {c['k']} tokens; compare with the dequantized weights' mean KL above)",
+            highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

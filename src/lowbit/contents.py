@@ -109,3 +109,20 @@ def inspect_folder(folder: str | Path) -> ModelInfo:
             raise ModelLoadError(f"{folder}/config.json describes layer {name} badly; the file is "
                                  "corrupt: quantize again") from None
     return ModelInfo(str(folder), layers, sum(sizes.values()), qc.get("recipe"))
+
+
+def gguf_linear_bits(path: str | Path) -> float:
+    """Bits per weight of a GGUF file's decoder-layer matrices (``blk.*`` tensors of 2 or more
+    dimensions) as stored, from its header."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as err:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {err}") from None
+    nbytes = numel = 0
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and len(t.shape) >= 2:
+            nbytes += int(t.n_bytes)
+            numel += int(t.n_elements)
+    return 8.0 * nbytes / numel if numel else math.nan

@@ -280,7 +280,7 @@ def _quantized_layer(folder: Path, checkpoint, model: nn.Module, name: str, meta
         shape, block = tuple(meta["shape"]), tuple(meta["block_size"])
         if len(shape) != 2 or len(block) != 2 or not all(type(v) is int and v > 0 for v in shape + block):
             raise ValueError(f"shape {list(shape)}, block size {list(block)}")
-        if meta["dtype"] not in DTYPES or meta["zero_point"] not in (None, "int", "float"):
+        if meta["dtype"] not in DTYPES or meta["zero_point"] not in (None, "int", "float", "minimum"):
             raise ValueError(f"dtype {meta['dtype']!r}, zero point {meta['zero_point']!r}")
         acts = {k: QuantArgs.from_dict(meta[k]) for k in ACTIVATION_FIELDS if meta.get(k)}
     except (KeyError, TypeError, ValueError, ConfigError) as err:
@@ -299,6 +299,8 @@ def _quantized_layer(folder: Path, checkpoint, model: nn.Module, name: str, meta
         raise bad(f"lacks its stored {', '.join(missing)}")
     grid = grid_shape(shape, block)
     expected = {"qdata": ("U8", shape[:-1] + (packed_length(shape[-1], fmt.bits),))}
+    if meta.get("super_block"):
+        return _two_level_layer(folder, checkpoint, linear, name, meta, parts, entries, grid, expected, acts, bad)
     if "group_index" not in parts:
         expected["scale"] = (None, grid)
     else:
@@ -328,6 +330,36 @@ def _quantized_layer(folder: Path, checkpoint, model: nn.Module, name: str, meta
         bias = checkpoint.get(f"{name}.bias")
     elif linear.bias is not None:
         raise bad("lacks its stored bias")
+    return QuantizedLinear(QuantizedTensor.from_tensors(tensors, meta), bias, **acts)
+
+
+def _two_level_layer(folder, checkpoint, linear, name, meta, parts, entries, grid, expected, acts, bad):
+    """A QuantizedLinear with two-level (k-quant) scales, after checking its stored parts."""
+    from lowbit.core.formats import get_format
+    from lowbit.core.packing import packed_length
+
+    try:
+        sfmt = get_format(meta["scale_format"])
+        super_block = int(meta["super_block"])
+        if super_block < 1 or super_block % meta["block_size"][-1]:
+            raise ValueError(f"super block {super_block}")
+    except (KeyError, TypeError, ValueError, ConfigError) as err:
+        raise bad(f"has an invalid entry in config.json ({_first_line(err)})") from None
+    codes = ("U8", grid[:-1] + (packed_length(grid[-1], sfmt.bits),))
+    supers = ("F16", (grid[0], -(-meta["shape"][-1] // super_block)))
+    expected.update(scale=codes, super_scale=supers)
+    if meta["zero_point"] == "minimum":
+        expected.update(zero_point=codes, super_min=supers)
+    for part, (dtype, part_shape) in expected.items():
+        if part not in entries:
+            raise bad(f"lacks its stored {part}")
+        e = entries[part]
+        if e.dtype != dtype or tuple(e.shape) != tuple(part_shape):
+            raise bad(f"stores {part} as {e.dtype} {list(e.shape)}, its layout needs {dtype} {list(part_shape)}")
+    tensors = {k: checkpoint.get(key) for k, key in parts.items()}
+    bias = None
+    if f"{name}.bias" in checkpoint:
+        bias = checkpoint.get(f"{name}.bias")
     return QuantizedLinear(QuantizedTensor.from_tensors(tensors, meta), bias, **acts)
 
 

@@ -38,9 +38,15 @@ log = logging.getLogger(__name__)
 LOWBIT_FILES = (
     "config.json", "generation_config.json", "lowbit_report.json", "*.safetensors",
     "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-    "vocab.*", "merges.txt", "*.model", "*.tiktoken", "chat_template.*",
+    "vocab.*", "merges.txt", "*.model", "*.tiktoken", "chat_template.*", "lowbit_export.json",
 )
-"""Names of the files lowbit writes into an output folder (``lowbit.io.save``)."""
+"""Names of the files lowbit writes into an output folder (``lowbit.io.save``, ``lowbit.export``)."""
+
+EXPORT_MARKER = "lowbit_export.json"
+"""Written into every folder ``lowbit export`` makes (its report): the folder is lowbit's."""
+
+GGUF_MARKER_KEY = "lowbit.export"
+"""A key every GGUF file lowbit writes carries in its header: the file is lowbit's."""
 
 PARTIAL_MARKER = ".lowbit-partial"
 """Written first into every temporary folder: it marks the folder as lowbit's, unfinished."""
@@ -54,7 +60,12 @@ _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[0-9a-f]{6
 
 
 def is_lowbit_output(folder: Path) -> bool:
-    """Whether ``folder``'s config.json says lowbit wrote it."""
+    """Whether ``folder``'s config.json says lowbit wrote it, or it holds lowbit's export report."""
+    try:
+        json.loads((folder / EXPORT_MARKER).read_text())
+        return True
+    except (OSError, ValueError):
+        pass
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
@@ -63,13 +74,26 @@ def is_lowbit_output(folder: Path) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == "lowbit"
 
 
+def is_lowbit_file(path: Path) -> bool:
+    """Whether ``path`` is a GGUF file lowbit wrote (its header carries ``GGUF_MARKER_KEY``)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 20)
+    except OSError:
+        return False
+    return head[:4] == b"GGUF" and GGUF_MARKER_KEY.encode() in head
+
+
 def check_output(out: str | os.PathLike, *, overwrite: bool = False,
-                 sources: Iterable[str | os.PathLike] = (), need_bytes: int = 0) -> Path:
+                 sources: Iterable[str | os.PathLike] = (), need_bytes: int = 0,
+                 kind: str = "folder") -> Path:
     """The absolute output path, after checking that writing it can destroy nothing and can
     succeed; raises OutputError naming the reason otherwise (see the module docstring).
 
     sources: paths being read (a model folder or file, the cache folder of its conversion).
     need_bytes: a lower bound on the size of the output, checked against the free space.
+    kind: "folder", or "file" for a single-file output (a GGUF file), which ``overwrite``
+    replaces only when lowbit wrote it.
     """
     out = Path(out).expanduser().absolute()
     real = out.resolve()
@@ -82,7 +106,10 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False,
         if real in src.parents:
             raise OutputError(f"output {out} contains {src}, which is being read; choose another --out")
     if out.is_symlink() or out.exists():
-        _check_replaceable(out, overwrite)
+        if kind == "file":
+            _check_file_replaceable(out, overwrite)
+        else:
+            _check_replaceable(out, overwrite)
     _check_writable(out, need_bytes)
     return out
 
@@ -110,6 +137,15 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise OutputError(f"output {out} holds entries lowbit did not write ({shown}); --overwrite "
                           "would delete them: move them or choose another --out")
+
+
+def _check_file_replaceable(out: Path, overwrite: bool) -> None:
+    if not overwrite:
+        raise OutputError(f"output {out} already exists; choose another path or pass --overwrite "
+                          "(which replaces only a file lowbit wrote)")
+    if out.is_symlink() or not out.is_file() or not is_lowbit_file(out):
+        raise OutputError(f"output {out} is not a GGUF file lowbit wrote, so --overwrite will not "
+                          "replace it: choose another --out")
 
 
 def _check_writable(out: Path, need_bytes: int) -> None:

@@ -102,6 +102,8 @@ def quantize(
     keeps that linear in float and lists it in ``QuantizeReport.kept_float``.
     """
     arch = get_architecture(model)
+    if recipe.file_type is not None:
+        recipe = _file_type_plan(model, arch, recipe)
     plan = Plan.from_stages(recipe.build_stages(), measure_error=calibration is not None,
                             on_nonfinite=on_nonfinite)
     if plan.needs_data and calibration is None:
@@ -134,6 +136,16 @@ def quantize(
         if result is not None:
             reports.append(install(model, t, result, None, plan))
     return QuantizeReport(recipe, reports, time.perf_counter() - start, kept_float=plan.kept_float)
+
+
+def _file_type_plan(model: nn.Module, arch: Architecture, recipe: Recipe) -> Recipe:
+    if arch.gguf_arch is None:
+        raise ConfigError(f"--scheme gguf:{recipe.file_type}: lowbit has no GGUF mapping for {arch.name}")
+    from lowbit.models.arch import decoder_layers
+
+    n_layers = len(decoder_layers(model, arch))
+    linears = {n: (-1, *m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return recipe.with_file_type_plan(linears, arch.gguf_arch, n_layers)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -190,4 +202,5 @@ def quantize_pretrained(
     if tokens is not None:
         report.calibration = calibration.to_dict()
     report.extra["model"] = source.name
+    report.extra["model_spec"] = str(model_spec)
     return model, tokenizer, report

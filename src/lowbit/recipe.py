@@ -16,14 +16,14 @@ every stage whose options have that name, or to one stage with ``stage.option`` 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lowbit import defaults
 from lowbit.core.names import check_patterns, name_matches
 from lowbit.core.scheme import Scheme, parse_scheme
-from lowbit.errors import ConfigError
+from lowbit.errors import ConfigError, LowbitError
 from lowbit.methods.base import Stage, resolve_stages, stage_names, typed_options
 from lowbit.observers import OBSERVERS
 
@@ -39,8 +39,25 @@ class Recipe:
     targets: tuple[str, ...] = ("re:.*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     overrides: tuple[tuple[str, Scheme], ...] = ()
+    file_type: str | None = None
+    """A llama.cpp file type (``Q4_K_M``; ``--scheme gguf:Q4_K_M``): each linear gets the GGUF
+    grid llama.cpp's rules give it, fallbacks included (``lowbit.export.gguf_types``), resolved
+    into ``overrides`` once the model is known (``with_file_type_plan``)."""
 
     def __post_init__(self):
+        if isinstance(self.scheme, str) and self.scheme.strip().lower().startswith("gguf:"):
+            object.__setattr__(self, "file_type", self.scheme.strip()[5:])
+        if self.file_type is not None:
+            from lowbit.export.gguf_types import FILE_TYPES, canonical_file_type
+
+            try:
+                ft = canonical_file_type(self.file_type)
+            except LowbitError as err:
+                raise ConfigError(str(err)) from None
+            if FILE_TYPES[ft] in ("F32", "F16", "BF16"):
+                raise ConfigError(f"gguf:{ft} is a float file type: export a float model with llama.cpp's converter")
+            object.__setattr__(self, "file_type", ft)
+            object.__setattr__(self, "scheme", parse_scheme(FILE_TYPES[ft]))
         object.__setattr__(self, "scheme", parse_scheme(self.scheme))
         object.__setattr__(self, "targets", _patterns(self.targets, "targets"))
         object.__setattr__(self, "ignore", _patterns(self.ignore, "ignore"))
@@ -91,7 +108,36 @@ class Recipe:
             "targets": list(self.targets),
             "ignore": list(self.ignore),
             "overrides": [[p, s.to_dict()] for p, s in self.overrides],
+            "file_type": self.file_type,
         }
+
+    def with_file_type_plan(self, linears: dict[str, tuple[int, int, int]], gguf_arch: str,
+                            n_layers: int) -> Recipe:
+        """For a recipe with ``file_type``: exact-name overrides giving each selected linear
+        (name -> (decoder layer or -1, out_features, in_features)) its GGUF grid; a linear whose
+        row fits no GGUF block type is ignored (kept in float, as llama.cpp writes F16)."""
+        if self.file_type is None:
+            return self
+        import gguf
+
+        from lowbit.export.gguf_types import tensor_role, tensor_type
+
+        arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch)
+        names = gguf.get_tensor_name_map(arch, n_layers)
+        overrides, ignore = [], []
+        for name, (_, _, cols) in linears.items():
+            if self.scheme_for(name) is None:
+                continue
+            gname = names.get_name(name + ".weight", try_suffixes=(".weight",))
+            if gname is None:
+                raise ConfigError(f"{name} has no GGUF name in architecture {gguf_arch}")
+            role, i_layer = tensor_role(gname)
+            choice = tensor_type(self.file_type, "output" if role == "output" else role, i_layer, n_layers, cols)
+            if choice.type in ("F16", "F32", "BF16"):
+                ignore.append(name)
+            else:
+                overrides.append((name, parse_scheme(choice.type)))
+        return replace(self, overrides=tuple(overrides) + self.overrides, ignore=self.ignore + tuple(ignore))
 
     @classmethod
     def from_dict(cls, data: dict) -> Recipe:
@@ -103,7 +149,7 @@ class Recipe:
         version = data.pop("version", RECIPE_VERSION)
         if version not in (1, RECIPE_VERSION):
             raise ConfigError(f"recipe version {version} is not supported (expected {RECIPE_VERSION})")
-        allowed = {"scheme", "method", "method_options", "targets", "ignore", "overrides", "stages"}
+        allowed = {"scheme", "method", "method_options", "targets", "ignore", "overrides", "stages", "file_type"}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ConfigError(f"recipe: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")

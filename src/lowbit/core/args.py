@@ -37,6 +37,12 @@ class QuantArgs:
     dynamic: bool = False
     """Activations only: scales computed from each tensor at run time (per token with
     granularity 'token'), no observer. Weights are always static."""
+    super_block: int | None = None
+    """Two-level scales (llama.cpp's k-quants): columns per super-block. Each group's scale (and,
+    when asymmetric, its minimum, replacing the integer zero point) is stored as a
+    ``scale_format`` code times one float16 scale per super-block."""
+    scale_format: str | None = None
+    """With ``super_block``: the int format of the group scale codes (uint6, int8, ...)."""
 
     def __post_init__(self):
         fmt = get_format(self.format)  # raises on unknown names
@@ -66,6 +72,18 @@ class QuantArgs:
             raise ConfigError(f"dynamic must be true or false, got {self.dynamic!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ConfigError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
+        if (self.super_block is None) != (self.scale_format is None):
+            raise ConfigError("two-level scales need both super_block and scale_format")
+        if self.super_block is not None:
+            sfmt = get_format(self.scale_format)
+            if sfmt.kind != "int":
+                raise ConfigError(f"scale_format must be an int format (uint6, int8, ...), got {self.scale_format}")
+            if self.granularity != "group" or not isinstance(self.super_block, int) or \
+                    self.super_block % self.group_size:
+                raise ConfigError("two-level scales need group granularity and a super_block that is a "
+                                  f"multiple of the group size, got {self.super_block} and {self.group_size}")
+            if fmt.kind != "int":
+                raise ConfigError(f"two-level scales need an int weight format, got {self.format}")
 
     @property
     def bits(self) -> int:
@@ -100,7 +118,11 @@ class QuantArgs:
         return (1,) * (n - 2) + self.block_shape
 
     def name(self) -> str:
-        """Short scheme name, e.g. ``w4g128``, ``w4g128-asym``, ``w8``, ``nf4g64``."""
+        """Short scheme name, e.g. ``w4g128``, ``w4g128-asym``, ``w8``, ``nf4g64``, ``q4_k``."""
+        for gguf_name, fields in GGUF_WEIGHT_TYPES.items():  # grids the grammar cannot name
+            if (fields["super_block"] or fields["format"] == "iq4nl") and \
+                    self == QuantArgs(**fields).with_(observer=self.observer):
+                return gguf_name.lower() + ("" if self.observer == "minmax" else f"-{self.observer}")
         fmt = get_format(self.format)
         head = f"w{fmt.bits}" if fmt.kind == "int" else self.format
         if self.granularity == "group":
@@ -134,6 +156,30 @@ class QuantArgs:
         return replace(self, **changes)
 
 
+def _gguf(fmt: str, group: int, symmetric: bool = True, scales: str | None = None) -> dict:
+    return dict(format=fmt, symmetric=symmetric, granularity="group", group_size=group,
+                super_block=256 if scales else None, scale_format=scales)
+
+
+GGUF_WEIGHT_TYPES: dict[str, dict] = {
+    # llama.cpp's block types as lowbit grids (ggml-common.h): blocks of 32 with a float16
+    # scale (Q*_0: symmetric codes; Q*_1: a float16 offset, which lowbit's integer zero point
+    # fills up to float16 rounding); k-quants: super-blocks of 256 with 6- or 8-bit group scales.
+    "Q8_0": _gguf("int8", 32),
+    "Q4_0": _gguf("int4", 32),
+    "Q4_1": _gguf("int4", 32, symmetric=False),
+    "Q5_0": _gguf("int5", 32),
+    "Q5_1": _gguf("int5", 32, symmetric=False),
+    "IQ4_NL": _gguf("iq4nl", 32),
+    "Q2_K": _gguf("int2", 16, symmetric=False, scales="uint4"),
+    "Q3_K": _gguf("int3", 16, scales="int6"),
+    "Q4_K": _gguf("int4", 32, symmetric=False, scales="uint6"),
+    "Q5_K": _gguf("int5", 32, symmetric=False, scales="uint6"),
+    "Q6_K": _gguf("int6", 16, scales="int8"),
+}
+"""Weight schemes on the grids of llama.cpp's GGUF types (``--scheme q4_k``)."""
+
+
 # Weight formats whose bare name means groups of this size (bitsandbytes' NF4 blocks of 64).
 DEFAULT_GROUP = {"nf4": 64, "fp4": 32}
 
@@ -145,7 +191,8 @@ _GRAMMAR = re.compile(
 
 ARGS_HELP = (
     "wBITS[gGROUP|bROWSxCOLS|-tensor][-asym][-OBSERVER], nf4[gGROUP], fp4[gGROUP], fp8_e4m3, "
-    "fp8_e5m2; e.g. w8, w4g128, w4g64-asym, w3g128, w2g64-asym, nf4g64, w4g128-mse"
+    "fp8_e5m2, a GGUF type (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, q2_k..q6_k); e.g. w8, w4g128, "
+    "w4g64-asym, w3g128, w2g64-asym, nf4g64, w4g128-mse, q4_k"
 )
 
 
@@ -159,6 +206,9 @@ def parse_args(spec: str | dict | QuantArgs) -> QuantArgs:
     if not isinstance(spec, str):
         raise ConfigError(f"a quantization scheme must be a string or a mapping, got {spec!r}")
     key = spec.strip().lower()
+    gguf_key = key.removeprefix("gguf:").upper()
+    if gguf_key in GGUF_WEIGHT_TYPES:
+        return QuantArgs(**GGUF_WEIGHT_TYPES[gguf_key])
     m = _GRAMMAR.match(key)
     if not m:
         raise ConfigError(f"unknown weight scheme {spec!r}: use {ARGS_HELP}")

@@ -33,6 +33,12 @@ _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 FP4_LEVELS = _E2M1_MAGNITUDES + tuple(-m for m in _E2M1_MAGNITUDES)
 
 
+# IQ4_NL: llama.cpp's non-uniform 4-bit grid (ggml-common.h, kvalues_iq4nl), used unnormalised:
+# value = level * scale, with scale = block absmax / 127 for the symmetric range.
+IQ4NL_LEVELS = (-127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0,
+                1.0, 13.0, 25.0, 38.0, 53.0, 69.0, 89.0, 113.0)
+
+
 @dataclass(frozen=True)
 class NumberFormat:
     name: str
@@ -91,6 +97,7 @@ for _b in range(2, 9):
     register_format(NumberFormat(f"uint{_b}", _b, "int", signed=False))
 register_format(NumberFormat("nf4", 4, "lookup", signed=False, levels=NF4_LEVELS))
 register_format(NumberFormat("fp4", 4, "lookup", signed=False, levels=FP4_LEVELS))
+register_format(NumberFormat("iq4nl", 4, "lookup", signed=False, levels=IQ4NL_LEVELS))
 register_format(NumberFormat("fp8_e4m3", 8, "float", float_dtype=torch.float8_e4m3fn))
 register_format(NumberFormat("fp8_e5m2", 8, "float", float_dtype=torch.float8_e5m2))
 

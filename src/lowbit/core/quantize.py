@@ -7,6 +7,7 @@ import torch
 from lowbit.core.args import QuantArgs
 from lowbit.core.blocks import expand_blocks, to_blocks
 from lowbit.core.qparams import qparams_from_range
+from lowbit.core.superblock import two_level_qparams
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.core.values import dequantize_values, quantize_values
 
@@ -27,6 +28,12 @@ def quantize(
     if xmin is None or xmax is None:
         xmin, xmax = block_range(x, args)
     block = args.block_size(x.shape)
+    if args.super_block is not None:
+        two = two_level_qparams(xmin, xmax, args)
+        m = two.minimum()
+        codes = quantize_values(x, expand_blocks(two.scale(), block, x.shape), None, args.code_format,
+                                minimum=None if m is None else expand_blocks(m, block, x.shape))
+        return QuantizedTensor.from_codes(codes, None, None, args.code_format, block, x.dtype, two_level=two)
     scale, zero_point = qparams_from_range(xmin, xmax, args)
     codes = quantize_values(
         x,
@@ -41,6 +48,8 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, xmin=None, xmax=None) -> tor
     """Quantize then dequantize, in ``x``'s dtype, without packing."""
     if xmin is None or xmax is None:
         xmin, xmax = block_range(x, args)
+    if args.super_block is not None:
+        return quantize(x, args, xmin, xmax).dequantize(x.dtype)
     block = args.block_size(x.shape)
     scale, zero_point = qparams_from_range(xmin, xmax, args)
     scale_e = expand_blocks(scale, block, x.shape)

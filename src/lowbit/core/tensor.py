@@ -46,6 +46,14 @@ class QuantizedTensor:
     shape:       original shape; dtype: original dtype
     group_index: optional, for the last dim: column k uses group ``group_index[k]`` instead of
                  ``k // block_size[-1]`` (GPTQ act-order without static groups)
+
+    Two-level scales (llama.cpp's k-quants), when ``super_scale`` is set:
+    scale:       integer codes of ``scale_format`` (e.g. uint6), one per group; the group's scale
+                 is ``scale * super_scale`` with one float16 ``super_scale`` per ``super_block``
+                 columns of a row (shape ``(rows, ceil(columns / super_block))``)
+    zero_point:  None (symmetric), or integer codes of the group minimums m, each
+                 ``zero_point * super_min``; values are then ``code * scale - m`` (a minimum,
+                 not a zero point: Q4_K / Q5_K / Q2_K)
     """
 
     qdata: torch.Tensor
@@ -56,24 +64,59 @@ class QuantizedTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     group_index: torch.Tensor | None = None
+    super_scale: torch.Tensor | None = None
+    super_min: torch.Tensor | None = None
+    scale_format: NumberFormat | None = None
+    super_block: int | None = None
 
-    STORED_FIELDS: ClassVar[tuple[str, ...]] = ("qdata", "scale", "zero_point", "group_index")
+    STORED_FIELDS: ClassVar[tuple[str, ...]] = (
+        "qdata", "scale", "zero_point", "group_index", "super_scale", "super_min")
     """The tensor fields, in the order they are stored (``tensors()``)."""
 
     @classmethod
     def from_codes(
-        cls, codes, scale, zero_point, fmt: NumberFormat, block_size, dtype, group_index=None
+        cls, codes, scale, zero_point, fmt: NumberFormat, block_size, dtype, group_index=None,
+        two_level=None,
     ) -> QuantizedTensor:
+        """Pack ``codes``. With ``two_level`` (``lowbit.core.superblock.TwoLevelScales``), the
+        scale and zero point come from it and ``scale`` / ``zero_point`` must be None."""
         block_size = tuple(block_size)
         expected = grid_shape(codes.shape, block_size)
         if group_index is not None:
             expected = expected[:-1] + (int(group_index.max()) + 1,)
+        if two_level is not None:
+            if scale is not None or zero_point is not None or group_index is not None:
+                raise ValueError("two-level scales replace scale and zero_point (and allow no group_index)")
+            scale, zero_point = two_level.scale_codes, two_level.min_codes
         if tuple(scale.shape) != expected:
             raise ValueError(f"scale shape {tuple(scale.shape)} does not match blocks {expected}")
         if zero_point is not None and zero_point.shape != scale.shape:
             raise ValueError("zero_point must have the scale's shape")
         qdata = pack(to_storage(codes, fmt), fmt.bits)
-        return cls(qdata, scale, zero_point, fmt, block_size, tuple(codes.shape), dtype, group_index)
+        if two_level is None:
+            return cls(qdata, scale, zero_point, fmt, block_size, tuple(codes.shape), dtype, group_index)
+        return cls(qdata, scale, zero_point, fmt, block_size, tuple(codes.shape), dtype, None,
+                   two_level.super_scale, two_level.super_min, two_level.scale_format, two_level.super_block)
+
+    @property
+    def two_level(self) -> bool:
+        return self.super_scale is not None
+
+    def group_scales(self) -> torch.Tensor:
+        """The scale of each group (block) as float32, shape ``scale.shape``."""
+        if self.super_scale is None:
+            return self.scale.float()
+        return self.scale.float() * self._per_group(self.super_scale)
+
+    def group_minimums(self) -> torch.Tensor | None:
+        """Two-level asymmetric tensors: each group's minimum m (float32), else None."""
+        if self.super_min is None:
+            return None
+        return self.zero_point.float() * self._per_group(self.super_min)
+
+    def _per_group(self, t: torch.Tensor) -> torch.Tensor:
+        per = self.super_block // self.block_size[-1]
+        return t.float().repeat_interleave(per, dim=-1)[..., : self.scale.shape[-1]]
 
     @property
     def numel(self) -> int:
@@ -91,6 +134,11 @@ class QuantizedTensor:
         return expand_blocks(t, self.block_size, self.shape)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.super_scale is not None:
+            m = self.group_minimums()
+            out = dequantize_values(self.codes(), self.expand(self.group_scales()), None, self.format,
+                                    minimum=None if m is None else self.expand(m))
+            return out.to(dtype or self.dtype)
         zp = None if self.zero_point is None else self.expand(self.zero_point)
         out = dequantize_values(self.codes(), self.expand(self.scale), zp, self.format)
         return out.to(dtype or self.dtype)
@@ -98,6 +146,8 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes as stored: packed codes, scales, zero points (packed when integer), index."""
+        if self.super_scale is not None:
+            return sum(t.numel() * t.element_size() for t in self.tensors().values())
         n = self.qdata.numel() + self.scale.numel() * self.scale.element_size()
         if self.zero_point is not None:
             n += _zero_point_storage(self.zero_point, self.format).numel() * (
@@ -116,11 +166,19 @@ class QuantizedTensor:
         return QuantizedTensor(
             self.qdata.to(device), self.scale.to(device), move(self.zero_point), self.format,
             self.block_size, self.shape, self.dtype, move(self.group_index),
+            move(self.super_scale), move(self.super_min), self.scale_format, self.super_block,
         )
 
     # -- serialisation: tensors for safetensors, the rest as JSON metadata --------------------
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        if self.super_scale is not None:  # integer scale (and minimum) codes, packed
+            out = {"qdata": self.qdata, "scale": _zero_point_storage(self.scale, self.scale_format),
+                   "super_scale": self.super_scale}
+            if self.zero_point is not None:
+                out["zero_point"] = _zero_point_storage(self.zero_point, self.scale_format)
+                out["super_min"] = self.super_min
+            return out
         out = {"qdata": self.qdata, "scale": self.scale}
         if self.zero_point is not None:
             out["zero_point"] = _zero_point_storage(self.zero_point, self.format)
@@ -129,6 +187,13 @@ class QuantizedTensor:
         return out
 
     def metadata(self) -> dict:
+        if self.super_scale is not None:
+            return {
+                "format": self.format.name, "block_size": list(self.block_size), "shape": list(self.shape),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "zero_point": None if self.zero_point is None else "minimum",
+                "scale_format": self.scale_format.name, "super_block": self.super_block,
+            }
         return {
             "format": self.format.name,
             "block_size": list(self.block_size),
@@ -143,6 +208,17 @@ class QuantizedTensor:
         fmt = get_format(meta["format"])
         scale = tensors["scale"]
         zp = tensors.get("zero_point")
+        if meta.get("super_block"):
+            sfmt = get_format(meta["scale_format"])
+            grid = grid_shape(tuple(meta["shape"]), tuple(meta["block_size"]))
+            scale = from_storage(unpack(scale, sfmt.bits, grid[-1]), sfmt)
+            if zp is not None:
+                zp = from_storage(unpack(zp, sfmt.bits, grid[-1]), sfmt)
+            return cls(
+                tensors["qdata"], scale, zp, fmt, tuple(meta["block_size"]), tuple(meta["shape"]),
+                DTYPES[meta["dtype"]], None, tensors["super_scale"], tensors.get("super_min"), sfmt,
+                int(meta["super_block"]),
+            )
         if zp is not None and meta.get("zero_point") == "int":
             stored = unpack(zp, fmt.bits, scale.shape[-1])
             zp = from_storage(stored, fmt)

@@ -12,9 +12,13 @@ from lowbit.core.formats import NumberFormat
 
 
 def quantize_values(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: NumberFormat
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: NumberFormat,
+    minimum: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Codes in the format's own domain (signed ints, level indices, or float8 values)."""
+    """Codes in the format's own domain (signed ints, level indices, or float8 values).
+    ``minimum`` (two-level k-quant scales): codes of ``x + minimum`` instead of a zero point."""
+    if minimum is not None:
+        x = x.float() + minimum.float()
     y = x.float() / scale.float()
     if fmt.kind == "int":
         if zero_point is not None:
@@ -35,13 +39,16 @@ def nearest_level(y: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
 
 
 def dequantize_values(
-    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: NumberFormat
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: NumberFormat,
+    minimum: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """float32 values of codes."""
+    """float32 values of codes: ``(code - zero_point) * scale``, or ``code * scale - minimum``."""
     if fmt.kind == "int":
         q = codes.float()
         if zero_point is not None:
             q = q - zero_point.float()
+        if minimum is not None:
+            return q * scale.float() - minimum.float()
         return q * scale.float()
     if fmt.kind == "lookup":
         return fmt.levels_tensor(codes.device)[codes.long()] * scale.float()

@@ -33,6 +33,7 @@ import torch
 from lowbit.core.args import QuantArgs
 from lowbit.core.blocks import grid_shape
 from lowbit.core.qparams import qparams_from_range
+from lowbit.core.superblock import two_level_qparams
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.core.values import dequantize_values, quantize_values
 from lowbit.errors import ConfigError, LowbitError
@@ -109,6 +110,14 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
     # read once per column in the loop.
     row_scale = torch.empty(scale.shape[1], N, device=device)
     row_zero = None if zero is None else torch.empty_like(row_scale)
+    two = None  # two-level scales (k-quants): the group minimum replaces the zero point
+    if args.super_block is not None:
+        if not config.static_groups:
+            raise ConfigError("gptq with two-level (k-quant) scales needs static_groups=true")
+        two = two_level_qparams(*observed_range(W, args), args)
+        row_scale = two.scale().repeat_interleave(rows, 0)[:N].t().contiguous()
+        m = two.minimum()
+        row_zero = None if m is None else m.repeat_interleave(rows, 0)[:N].t().contiguous()
 
     def set_params(first: int, x: torch.Tensor, group_args: QuantArgs) -> None:
         """Quantization parameters of the groups ``first, first + 1, ...`` covering ``x``."""
@@ -120,7 +129,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
             zero[:, cols] = z
             row_zero[cols] = z.float().repeat_interleave(rows, 0)[:N].t()
 
-    if config.static_groups:
+    if config.static_groups and two is None:
         set_params(0, W, args)  # every group up front, from the original weights
 
     perm = torch.arange(K, device=device)
@@ -159,8 +168,12 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
             w = W1[i] - U1[:i, i] @ Err1[:i]
             c = column_group[j]
             z = None if row_zero is None else row_zero[c]
-            codes[j] = code = quantize_values(w, row_scale[c], z, fmt)
-            Qt[j] = q = dequantize_values(code, row_scale[c], z, fmt)
+            if two is None:
+                codes[j] = code = quantize_values(w, row_scale[c], z, fmt)
+                Qt[j] = q = dequantize_values(code, row_scale[c], z, fmt)
+            else:
+                codes[j] = code = quantize_values(w, row_scale[c], None, fmt, minimum=z)
+                Qt[j] = q = dequantize_values(code, row_scale[c], None, fmt, minimum=z)
             Err1[i] = (w - q) / U1[i, i]
         Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
 
@@ -172,9 +185,12 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
         group_index = (inverse // g).to(torch.int32)  # column k was quantized at position inverse[k]
         if torch.equal(group_index, torch.arange(K, device=device) // g):
             group_index = None
-    qweight = QuantizedTensor.from_codes(
-        codes, scale, zero, fmt, block, weight.dtype, group_index=group_index
-    )
+    if two is not None:
+        qweight = QuantizedTensor.from_codes(codes, None, None, fmt, block, weight.dtype, two_level=two)
+    else:
+        qweight = QuantizedTensor.from_codes(
+            codes, scale, zero, fmt, block, weight.dtype, group_index=group_index
+        )
     return GPTQOutput(qweight, Q, relative_output_error(weight, Q, H0), damp)
 
 

@@ -234,5 +234,7 @@ class HQQ(Quantizer):
     Config = HQQConfig
 
     def quantize_weight(self, weight, args, stats=None) -> LayerResult:
+        if args.super_block is not None:
+            raise ConfigError(f"hqq cannot fit two-level (k-quant) scales ({args.name()}); use rtn, gptq or awq")
         q, _ = hqq_quantize(weight, args, self.config)
         return LayerResult(q, weight_mse(weight, q))

@@ -30,6 +30,8 @@ class Architecture:
     mappings: tuple[ScaleMapping, ...]
     norm_offset: float = 0.0
     """Norms compute ``x * (norm_offset + weight)`` (Gemma: 1.0)."""
+    gguf_arch: str | None = None
+    """llama.cpp's name for the architecture (``general.architecture`` of a GGUF file)."""
 
 
 _LLAMA_MAPPINGS = (
@@ -61,21 +63,22 @@ _PHI3_MAPPINGS = (
 )
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("llama", ("llama",), "model.layers", _LLAMA_MAPPINGS),
+    Architecture("llama", ("llama",), "model.layers", _LLAMA_MAPPINGS, gguf_arch="llama"),
     # Llama's layer layout: Mistral (sliding window only changes the attention mask), Qwen2
     # (biases on q/k/v, which folding leaves alone on the balance side) and Qwen3 (q_norm / k_norm
     # after q_proj / k_proj, as in Gemma 3).
-    Architecture("mistral", ("mistral",), "model.layers", _LLAMA_MAPPINGS),
-    Architecture("qwen2", ("qwen2",), "model.layers", _LLAMA_MAPPINGS),
-    Architecture("qwen3", ("qwen3",), "model.layers", _LLAMA_MAPPINGS),
+    Architecture("mistral", ("mistral",), "model.layers", _LLAMA_MAPPINGS, gguf_arch="llama"),
+    Architecture("qwen2", ("qwen2",), "model.layers", _LLAMA_MAPPINGS, gguf_arch="qwen2"),
+    Architecture("qwen3", ("qwen3",), "model.layers", _LLAMA_MAPPINGS, gguf_arch="qwen3"),
     # "gemma3_text" is the text-only model (what transformers makes of a Gemma 3 GGUF file);
     # "gemma3" the image-text model, whose decoder sits under model.language_model.
-    Architecture("gemma3", ("gemma3_text",), "model.layers", _GEMMA3_MAPPINGS, norm_offset=1.0),
+    Architecture("gemma3", ("gemma3_text",), "model.layers", _GEMMA3_MAPPINGS, norm_offset=1.0,
+                 gguf_arch="gemma3"),
     Architecture(
         "gemma3-vision", ("gemma3",), "model.language_model.layers", _GEMMA3_MAPPINGS,
-        norm_offset=1.0,
+        norm_offset=1.0, gguf_arch="gemma3",
     ),
-    Architecture("phi3", ("phi3",), "model.layers", _PHI3_MAPPINGS),
+    Architecture("phi3", ("phi3",), "model.layers", _PHI3_MAPPINGS, gguf_arch="phi3"),
 )
 
 

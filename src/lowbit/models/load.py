@@ -452,3 +452,21 @@ def _guarded(source: ModelSource, load: Callable):
         raise ModelLoadError(
             f"cannot load {source.name} from {source.folder}: {_first_line(err)}"
         ) from err
+
+
+def source_gguf(spec: str | os.PathLike, scratch: Path) -> Path | None:
+    """The GGUF file a model spec comes from (a bundled model, a .gguf file, or a folder holding
+    one and no config.json), put on disk under ``scratch`` when it must be assembled; None for a
+    Hugging Face folder or hub id."""
+    text = os.fspath(spec)
+    bundled = get_bundled(text)
+    if bundled is not None:
+        return bundled.gguf(scratch)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+    return None

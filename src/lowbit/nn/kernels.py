@@ -157,12 +157,15 @@ class DequantPrepared:
 
     scale:   float32 ``(out_features, groups)``, one per group of ``group`` columns (ragged last)
     zero:    float32, the scale's shape, or None: asymmetric zero points (code domain)
+    minimum: float32, the scale's shape, or None: two-level (k-quant) group minimums
+             (value = code * scale - minimum)
     columns: int64 ``(in_features,)``: the group of each column (act-order), else None
     """
 
     qdata: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
+    minimum: torch.Tensor | None
     columns: torch.Tensor | None
     format: str
     group: int
@@ -178,11 +181,13 @@ class DequantKernel(Kernel):
         return None
 
     def prepare(self, qweight: QuantizedTensor) -> DequantPrepared:
-        zp = qweight.zero_point
+        zp = None if qweight.two_level else qweight.zero_point
+        m = qweight.group_minimums()
         return DequantPrepared(
             qdata=qweight.qdata,
-            scale=row_groups(qweight.scale.float(), qweight),
+            scale=row_groups(qweight.group_scales(), qweight),
             zero=None if zp is None else row_groups(zp.float(), qweight),
+            minimum=None if m is None else row_groups(m, qweight),
             columns=None if qweight.group_index is None else qweight.group_index.long(),
             format=qweight.format.name,
             group=qweight.block_size[-1],
@@ -206,6 +211,8 @@ class DequantKernel(Kernel):
         offset = -fmt.qmin if fmt.kind == "int" and fmt.signed else 0
         scale = p.scale.to(dtype)
         zero = None if p.zero is None else p.zero.to(dtype)
+        if p.minimum is not None:  # two-level: code * scale - minimum (no group index)
+            return self._minimum_form(w, scale, p.minimum.to(dtype), p)
         if p.columns is not None:  # act-order: scales per column, gathered on each call
             _affine_(w, scale[:, p.columns], None if zero is None else zero[:, p.columns], offset)
             return w
@@ -222,6 +229,17 @@ class DequantKernel(Kernel):
                 w[:, whole * p.group:], scale[:, -1:], None if zero is None else zero[:, -1:],
                 offset,
             )
+        return w
+
+    @staticmethod
+    def _minimum_form(w, scale, minimum, p: DequantPrepared) -> torch.Tensor:
+        whole = p.in_features // p.group
+        cols = whole * p.group
+        if whole:
+            v = w[:, :cols].unflatten(1, (whole, p.group))
+            v.mul_(scale[:, :whole, None]).sub_(minimum[:, :whole, None])
+        if cols < p.in_features:
+            w[:, cols:].mul_(scale[:, -1:]).sub_(minimum[:, -1:])
         return w
 
     def forward(self, x, prepared, bias):
@@ -281,6 +299,8 @@ class Int8Kernel(FusedKernel):
         fmt = qweight.format
         if fmt.name != "int8":
             return f"{self.name} needs symmetric int8 codes, got {fmt.name}"
+        if qweight.two_level:
+            return f"{self.name} cannot run two-level (k-quant) scales"
         if qweight.zero_point is not None or qweight.group_index is not None:
             return f"{self.name} needs symmetric codes without a zero point or group index"
         if qweight.scale.shape[-1] != 1:
@@ -356,6 +376,8 @@ class Int4Kernel(FusedKernel):
         fmt = qweight.format
         if fmt.name not in ("int4", "uint4"):
             return f"{self.name} needs int4 or uint4 codes, got {fmt.name}"
+        if qweight.two_level:
+            return f"{self.name} cannot run two-level (k-quant) scales"
         if qweight.group_index is not None:
             return f"{self.name} cannot follow a group index (act-order)"
         n, k = qweight.shape

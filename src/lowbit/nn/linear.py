@@ -55,6 +55,8 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = qweight.shape
         self.format_name = qweight.format.name
         self.block_size = tuple(qweight.block_size)
+        self.scale_format = None if qweight.scale_format is None else qweight.scale_format.name
+        self.super_block = qweight.super_block
         self.weight_dtype = qweight.dtype
         for name in CANONICAL:
             self.register_buffer(name, getattr(qweight, name))
@@ -71,7 +73,8 @@ class QuantizedLinear(nn.Module):
         return QuantizedTensor(
             self.qdata, self.scale, self.zero_point, get_format(self.format_name),
             self.block_size, (self.out_features, self.in_features), self.weight_dtype,
-            self.group_index,
+            self.group_index, self.super_scale, self.super_min,
+            None if self.scale_format is None else get_format(self.scale_format), self.super_block,
         )
 
     @property

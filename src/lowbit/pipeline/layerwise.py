@@ -194,9 +194,10 @@ def _nonfinite(t: torch.Tensor, what: str) -> str | None:
 
 
 def _scale_problem(q: QuantizedTensor, name: str) -> str | None:
-    problem = _nonfinite(q.scale, f"scales of {name}")
+    problem = _nonfinite(q.group_scales(), f"scales of {name}")
     if problem is not None:
-        return problem + f" (the weight's range overflows {q.scale.dtype})"
+        dtype = (q.super_scale if q.two_level else q.scale).dtype
+        return problem + f" (the weight's range overflows {dtype})"
     if q.zero_point is not None and q.zero_point.is_floating_point():
         return _nonfinite(q.zero_point, f"zero points of {name}")
     return None
