@@ -78,8 +78,20 @@ def test_gguf_grids_are_named_and_recognized():
         qt = quantize(torch.randn(4, 256), parse_args(f"gguf:{name}"))
         assert gguf_type_of(qt) == name
     assert parse_args("q4_k").name() == "q4_k" and parse_args("iq4_nl").name() == "iq4_nl"
-    assert parse_args("q4_0").name() == "w4g32"  # the grammar already names it
+    assert parse_args("q8_0").name() == "w8g32"  # the grammar already names it
+    assert parse_args("q4_0").name() == "q4_0"  # signed scales: not w4g32
     assert gguf_type_of(quantize(torch.randn(4, 256), parse_args("w4g64"))) is None
+
+
+def test_signed_scales_put_the_extreme_on_the_longer_side():
+    w = torch.tensor([[0.8] + [0.1] * 31, [-0.8] + [0.1] * 31])
+    q = quantize(w, parse_args("q4_0"))
+    assert q.scale.flatten().tolist() == pytest.approx([-0.1, 0.1], rel=1e-3)  # 0.8 -> code -8
+    assert torch.equal(q.dequantize()[:, 0], torch.tensor([0.8, -0.8]).to(torch.float16).float())
+    plain = quantize(w, parse_args("w4g32"))
+    assert plain.scale.flatten().tolist() == pytest.approx([0.8 / 7, 0.8 / 7], rel=1e-3)
+    with pytest.raises(ConfigError, match="signed_scale"):
+        parse_args("w4g32-asym").with_(signed_scale=True)
 
 
 def test_iq4_nl_scale_takes_the_finer_sign():
@@ -116,8 +128,8 @@ def test_file_type_recipe_plans_each_linear(tiny_llama):
     report = quantize_model(tiny_llama, recipe, progress=False)
     planned = dict(report.recipe.overrides)
     # hidden 64 and intermediate 160: no row is a multiple of 256, so every k-quant falls back
-    assert planned["model.layers.0.self_attn.q_proj"].weights.name() == "w5g32"  # Q5_0
-    assert planned["model.layers.0.self_attn.v_proj"].weights.name() == "w5g32"  # Q4_K -> Q5_0
+    assert planned["model.layers.0.self_attn.q_proj"].weights.name() == "q5_0"
+    assert planned["model.layers.0.self_attn.v_proj"].weights.name() == "q5_0"  # Q4_K -> Q5_0
     assert planned["model.layers.1.self_attn.v_proj"].weights.name() == "w8g32"  # Q6_K -> Q8_0
     assert planned["model.layers.1.mlp.down_proj"].weights.name() == "w8g32"
     assert report.recipe.to_dict()["file_type"] == "Q4_K_M"

@@ -34,15 +34,7 @@ from lowbit.core.args import QuantArgs
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.errors import ConfigError, ModelLoadError, OutputError
 from lowbit.nn.linear import ACTIVATION_FIELDS, QuantizedLinear
-from lowbit.outputs import (
-    PARTIAL_MARKER,
-    check_output,
-    describe_os_error,
-    signals_deferred,
-    sweep_stale,
-    temp_folder,
-    temp_name,
-)
+from lowbit.outputs import PARTIAL_MARKER, check_output, describe_os_error, replace_folder, sweep_stale, temp_folder
 
 FORMAT_NAME = "lowbit"
 FORMAT_VERSION = 2
@@ -79,7 +71,7 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, recipe=None, report:
         tmp = temp_folder(out.parent, out.name)
         _write(model, tmp, tokenizer, recipe, report)
         (tmp / PARTIAL_MARKER).unlink()
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     except OSError as err:
         raise OutputError(f"cannot write output {out}: {describe_os_error(err, out.parent)}") from None
     finally:
@@ -159,26 +151,6 @@ def _shards(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         size += nbytes
     shards.append(current)
     return shards
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is renamed aside first and deleted after.
-    Signals wait until both renames are done, so an interrupt never leaves ``out`` missing."""
-    old = None
-    try:
-        with signals_deferred():
-            if out.exists():
-                old = temp_name(out.parent, out.name, "old")
-                os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                if old is not None:
-                    os.replace(old, out)
-                raise
-    finally:  # also when a held-back signal is delivered at the end of the block
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_quantization_config(folder: str | Path) -> dict:

@@ -259,3 +259,23 @@ def signals_deferred() -> Iterator[None]:
                 handler(sig, None)
             elif handler == signal.SIG_DFL:
                 signal.raise_signal(sig)
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is renamed aside first and deleted after.
+    Signals wait until both renames are done, so an interrupt never leaves ``out`` missing."""
+    old = None
+    try:
+        with signals_deferred():
+            if out.exists():
+                old = temp_name(out.parent, out.name, "old")
+                os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, out)
+                raise
+    finally:  # also when a held-back signal is delivered at the end of the block
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)

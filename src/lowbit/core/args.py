@@ -43,6 +43,11 @@ class QuantArgs:
     ``scale_format`` code times one float16 scale per super-block."""
     scale_format: str | None = None
     """With ``super_block``: the int format of the group scale codes (uint6, int8, ...)."""
+    signed_scale: bool = False
+    """Symmetric formats whose code range is longer on one side (int4: -8..7; IQ4_NL's levels
+    -127..113): let the scale be negative, so that each block's largest-magnitude value lands on
+    the longer side (its code -8, not 7): a grid finer by 8/7 for int4, as llama.cpp's Q4_0 and
+    IQ4_NL quantizers do. False: scale = absmax / qmax > 0."""
 
     def __post_init__(self):
         fmt = get_format(self.format)  # raises on unknown names
@@ -72,6 +77,10 @@ class QuantArgs:
             raise ConfigError(f"dynamic must be true or false, got {self.dynamic!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ConfigError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
+        if not isinstance(self.signed_scale, bool) or (self.signed_scale and not self.symmetric):
+            raise ConfigError("signed_scale must be true or false, and true only with symmetric=true")
+        if self.signed_scale and self.super_block is not None:
+            raise ConfigError("signed_scale is not supported with two-level scales")
         if (self.super_block is None) != (self.scale_format is None):
             raise ConfigError("two-level scales need both super_block and scale_format")
         if self.super_block is not None:
@@ -120,7 +129,7 @@ class QuantArgs:
     def name(self) -> str:
         """Short scheme name, e.g. ``w4g128``, ``w4g128-asym``, ``w8``, ``nf4g64``, ``q4_k``."""
         for gguf_name, fields in GGUF_WEIGHT_TYPES.items():  # grids the grammar cannot name
-            if (fields["super_block"] or fields["format"] == "iq4nl") and \
+            if (fields["super_block"] or fields["signed_scale"]) and \
                     self == QuantArgs(**fields).with_(observer=self.observer):
                 return gguf_name.lower() + ("" if self.observer == "minmax" else f"-{self.observer}")
         fmt = get_format(self.format)
@@ -156,9 +165,9 @@ class QuantArgs:
         return replace(self, **changes)
 
 
-def _gguf(fmt: str, group: int, symmetric: bool = True, scales: str | None = None) -> dict:
+def _gguf(fmt: str, group: int, symmetric: bool = True, scales: str | None = None, signed: bool = False) -> dict:
     return dict(format=fmt, symmetric=symmetric, granularity="group", group_size=group,
-                super_block=256 if scales else None, scale_format=scales)
+                super_block=256 if scales else None, scale_format=scales, signed_scale=signed)
 
 
 GGUF_WEIGHT_TYPES: dict[str, dict] = {
@@ -166,11 +175,11 @@ GGUF_WEIGHT_TYPES: dict[str, dict] = {
     # scale (Q*_0: symmetric codes; Q*_1: a float16 offset, which lowbit's integer zero point
     # fills up to float16 rounding); k-quants: super-blocks of 256 with 6- or 8-bit group scales.
     "Q8_0": _gguf("int8", 32),
-    "Q4_0": _gguf("int4", 32),
+    "Q4_0": _gguf("int4", 32, signed=True),
     "Q4_1": _gguf("int4", 32, symmetric=False),
-    "Q5_0": _gguf("int5", 32),
+    "Q5_0": _gguf("int5", 32, signed=True),
     "Q5_1": _gguf("int5", 32, symmetric=False),
-    "IQ4_NL": _gguf("iq4nl", 32),
+    "IQ4_NL": _gguf("iq4nl", 32, signed=True),
     "Q2_K": _gguf("int2", 16, symmetric=False, scales="uint4"),
     "Q3_K": _gguf("int3", 16, scales="int6"),
     "Q4_K": _gguf("int4", 32, symmetric=False, scales="uint6"),

@@ -2,9 +2,10 @@
 
 symmetric:  scale = absmax / qmax                 zero_point = 0 (none stored)
             (qmax = 2^(b-1) - 1 for int, the largest level for lookup and float8 formats)
-            a lookup table whose levels are not symmetric (IQ4_NL: -127..113) takes the sign of
-            the scale that gives the finer grid: max(min / L-, max / L+) or, negative,
-            -max(max / |L-|, |min| / L+), so the block's extreme lands on the longer side
+            with ``signed_scale`` (codes or levels L- .. L+ longer on one side: int4 -8..7,
+            IQ4_NL -127..113) the scale takes the sign that gives the finer grid:
+            max(|min| / |L-|, max / L+) or, negative, -max(max / |L-|, |min| / L+), so the
+            block's extreme lands on the longer side
 asymmetric: scale = (max - min) / (2^b - 1)      zero_point = round(-min / scale)
             (the range is first widened to contain 0, so 0 is exactly representable)
 
@@ -26,8 +27,8 @@ def qparams_from_range(
     xmin = xmin.float()
     xmax = xmax.float()
     tiny = torch.finfo(args.torch_scale_dtype).tiny
-    if args.symmetric and fmt.kind == "lookup" and min(fmt.levels) != -max(fmt.levels):
-        low, high = min(fmt.levels), max(fmt.levels)
+    if args.signed_scale:
+        low, high = (min(fmt.levels), max(fmt.levels)) if fmt.kind == "lookup" else (fmt.qmin, fmt.qmax)
         lo, hi = xmin.clamp(max=0).abs(), xmax.clamp(min=0)
         positive = torch.maximum(lo / -low, hi / high)
         negative = torch.maximum(hi / -low, lo / high)

@@ -40,10 +40,10 @@ from lowbit.outputs import (
     PARTIAL_MARKER,
     check_output,
     describe_os_error,
+    replace_folder,
     signals_deferred,
     sweep_stale,
     temp_folder,
-    temp_name,
 )
 
 
@@ -165,7 +165,7 @@ def export(model: nn.Module, tokenizer, target: str, out: str | os.PathLike, *, 
             (tmp / EXPORT_MARKER).write_text(json.dumps(report.to_dict(), indent=2))
             (tmp / PARTIAL_MARKER).unlink()
             _fsync_all(tmp)
-            _replace(tmp, out)
+            replace_folder(tmp, out)
         else:
             _fsync_all(tmp)
             with signals_deferred():
@@ -183,24 +183,6 @@ def _fsync_all(folder: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    old = None
-    try:
-        with signals_deferred():
-            if out.exists():
-                old = temp_name(out.parent, out.name, "old")
-                os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                if old is not None:
-                    os.replace(old, out)
-                raise
-    finally:
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # -- helpers for formats written as Hugging Face folders -------------------------------------
@@ -313,3 +295,40 @@ def read_checkpoint(path: str | os.PathLike, device="cpu"):
             model, tokenizer = exporter.read(path, device=device)
             return model, tokenizer, exporter.name
     return None
+
+
+# -- int32 words, as compressed-tensors, GPTQ and AWQ store codes --------------------------------
+
+
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned b-bit codes (..., K) -> int32 words (..., ceil(K*b/32)): one bit stream per
+    row, code k at bits [k*b, (k+1)*b) (a code may straddle two words when b does not divide 32)."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    *lead, k = codes.shape
+    c = codes.to(torch.int64)
+    c = torch.nn.functional.pad(c, (0, (-k) % 32)).reshape(*lead, -1, 32)
+    start = torch.arange(32, dtype=torch.int64, device=c.device) * bits
+    word, offset = start // 32, start % 32
+    words = torch.zeros(*c.shape[:-1], bits, dtype=torch.int64, device=c.device)
+    words.index_add_(-1, word, (c << offset) & 0xFFFFFFFF)  # disjoint bits: add == or
+    spill = offset + bits > 32
+    if spill.any():
+        words.index_add_(-1, word[spill] + 1, c[..., spill] >> (32 - offset[spill]))
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # two's complement
+    return words.reshape(*lead, -1)[..., : -(-k * bits // 32)].to(torch.int32)
+
+
+def unpack_int32(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of ``pack_int32``: int32 words -> unsigned codes (..., k) as int16."""
+    *lead, n = words.shape
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = torch.nn.functional.pad(w, (0, (-n) % bits)).reshape(*lead, -1, bits)
+    start = torch.arange(32, dtype=torch.int64, device=w.device) * bits
+    word, offset = start // 32, start % 32
+    c = w[..., word] >> offset
+    spill = offset + bits > 32
+    if spill.any():
+        c[..., spill] |= w[..., word[spill] + 1] << (32 - offset[spill])
+    c = c & ((1 << bits) - 1)
+    return c.reshape(*lead, -1)[..., :k].to(torch.int16)

@@ -47,8 +47,10 @@ from lowbit.export.base import (
     assemble_model,
     bits_per_weight,
     float_tensors,
+    pack_int32,
     quantized_linears,
     register_exporter,
+    unpack_int32,
     write_hf_folder,
 )
 from lowbit.nn.linear import ACTIVATION_FIELDS, QuantizedLinear
@@ -65,40 +67,6 @@ FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat
 
 
 # -- pure repacking -----------------------------------------------------------------------------
-
-
-def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned b-bit codes (..., K) -> int32 words (..., ceil(K*b/32)): one bit stream per
-    row, code k at bits [k*b, (k+1)*b) (a code may straddle two words when b does not divide 32)."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
-    *lead, k = codes.shape
-    c = codes.to(torch.int64)
-    c = nn.functional.pad(c, (0, (-k) % 32)).reshape(*lead, -1, 32)
-    start = torch.arange(32, dtype=torch.int64, device=c.device) * bits
-    word, offset = start // 32, start % 32
-    words = torch.zeros(*c.shape[:-1], bits, dtype=torch.int64, device=c.device)
-    words.index_add_(-1, word, (c << offset) & 0xFFFFFFFF)  # disjoint bits: add == or
-    spill = offset + bits > 32
-    if spill.any():
-        words.index_add_(-1, word[spill] + 1, c[..., spill] >> (32 - offset[spill]))
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # two's complement
-    return words.reshape(*lead, -1)[..., : -(-k * bits // 32)].to(torch.int32)
-
-
-def unpack_int32(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Inverse of ``pack_int32``: int32 words -> unsigned codes (..., k) as int16."""
-    *lead, n = words.shape
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    w = nn.functional.pad(w, (0, (-n) % bits)).reshape(*lead, -1, bits)
-    start = torch.arange(32, dtype=torch.int64, device=w.device) * bits
-    word, offset = start // 32, start % 32
-    c = w[..., word] >> offset
-    spill = offset + bits > 32
-    if spill.any():
-        c[..., spill] |= w[..., word[spill] + 1] << (32 - offset[spill])
-    c = c & ((1 << bits) - 1)
-    return c.reshape(*lead, -1)[..., :k].to(torch.int16)
 
 
 def strategy(qweight: QuantizedTensor) -> str:

@@ -63,8 +63,10 @@ from lowbit.export.base import (
     assemble_model,
     bits_per_weight,
     float_tensors,
+    pack_int32 as row_pack_int32,
     quantized_linears,
     register_exporter,
+    unpack_int32 as row_unpack_int32,
     write_hf_folder,
 )
 from lowbit.nn.linear import QuantizedLinear
@@ -82,35 +84,17 @@ ZERO_OFFSET = {V1: 1, V2: 0}
 
 def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """(L, C) unsigned b-bit codes -> (L*b/32, C) int32: along dim 0 each column's codes form a
-    little-endian bit stream, code i at bits [i*b, i*b + b), cut into 32-bit words."""
+    little-endian bit stream, code i at bits [i*b, i*b + b), cut into 32-bit words (the
+    row-wise ``base.pack_int32`` of the transpose)."""
     length = codes.shape[0]
     if (length * bits) % 32:
         raise ValueError(f"{length} codes of {bits} bits do not fill whole int32 words")
-    c = codes.to(torch.int64)
-    pos = torch.arange(length, device=c.device) * bits
-    word, offset = pos // 32, pos % 32
-    out = torch.zeros(length * bits // 32, *c.shape[1:], dtype=torch.int64, device=c.device)
-    out.index_add_(0, word, c << offset.view(-1, *[1] * (c.dim() - 1)))  # disjoint bits: add == or
-    spill = offset + bits > 32  # a code that crosses into the next word (3-bit only)
-    if spill.any():
-        rest = (32 - offset[spill]).view(-1, *[1] * (c.dim() - 1))
-        out.index_add_(0, word[spill] + 1, c[spill] >> rest)
-    out &= 0xFFFFFFFF
-    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+    return row_pack_int32(codes.t(), bits).t().contiguous()
 
 
 def unpack_int32(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     """Inverse of ``pack_int32``: (W, C) int32 -> (length, C) codes as int64."""
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    pos = torch.arange(length, device=w.device) * bits
-    word, offset = pos // 32, pos % 32
-    shape = (-1, *[1] * (w.dim() - 1))
-    codes = w[word] >> offset.view(shape)
-    spill = offset + bits > 32
-    if spill.any():
-        high = w[word[spill] + 1] << (32 - offset[spill]).view(shape)
-        codes[spill] |= high
-    return codes & ((1 << bits) - 1)
+    return row_unpack_int32(words.t(), bits, length).t().to(torch.int64)
 
 
 def group_columns(qt: QuantizedTensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.core.args import QuantArgs
-from lowbit.core.blocks import grid_shape
+from lowbit.core.blocks import grid_shape, to_blocks
 from lowbit.core.qparams import qparams_from_range
 from lowbit.core.superblock import two_level_qparams
 from lowbit.core.tensor import QuantizedTensor
@@ -39,6 +39,7 @@ from lowbit.core.values import dequantize_values, quantize_values
 from lowbit.errors import ConfigError, LowbitError
 from lowbit.methods.base import LayerResult, LinearStats, Quantizer, register_stage, relative_output_error
 from lowbit.observers import observed_range
+from lowbit.observers.mse import search_ratio
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,13 @@ class GPTQConfig:
     order. False: each group's scale from the error-updated weights when its first column is
     reached (reference default); with act_order the groups then follow the permuted order and
     the result carries a ``group_index``."""
+    scale_search: bool = False
+    """Static groups: choose each group's range by a search over clipping ratios (1.0 down to
+    ``search_min_ratio``) that minimises the group's squared weight error weighted by diag(H),
+    the mean square of each input (llama.cpp's importance matrix objective), before the column
+    sweep; otherwise the observer's range."""
+    search_min_ratio: float = 0.5
+    search_steps: int = 51
     retries: int = 3
     """If the Cholesky factorisation fails, multiply the dampening by ``retry_factor`` and try
     again, at most this many times."""
@@ -70,6 +78,10 @@ class GPTQConfig:
             raise ConfigError(f"gptq retries must be an integer >= 0, got {self.retries}")
         if not self.retry_factor > 1:
             raise ConfigError(f"gptq retry_factor must be > 1, got {self.retry_factor}")
+        if not isinstance(self.scale_search, bool) or (self.scale_search and not self.static_groups):
+            raise ConfigError("gptq scale_search must be true or false, and needs static_groups=true")
+        if not 0 < self.search_min_ratio <= 1 or not isinstance(self.search_steps, int) or self.search_steps < 1:
+            raise ConfigError("gptq search_min_ratio must be in (0, 1] and search_steps an integer >= 1")
 
 
 @dataclass
@@ -110,18 +122,23 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, config: G
     # read once per column in the loop.
     row_scale = torch.empty(scale.shape[1], N, device=device)
     row_zero = None if zero is None else torch.empty_like(row_scale)
+    def group_range(x: torch.Tensor, group_args: QuantArgs):
+        if config.scale_search:
+            return weighted_search_range(x, torch.diag(H0).clamp_min(0), group_args, config)
+        return observed_range(x, group_args)
+
     two = None  # two-level scales (k-quants): the group minimum replaces the zero point
     if args.super_block is not None:
         if not config.static_groups:
             raise ConfigError("gptq with two-level (k-quant) scales needs static_groups=true")
-        two = two_level_qparams(*observed_range(W, args), args)
+        two = two_level_qparams(*group_range(W, args), args)
         row_scale = two.scale().repeat_interleave(rows, 0)[:N].t().contiguous()
         m = two.minimum()
         row_zero = None if m is None else m.repeat_interleave(rows, 0)[:N].t().contiguous()
 
     def set_params(first: int, x: torch.Tensor, group_args: QuantArgs) -> None:
         """Quantization parameters of the groups ``first, first + 1, ...`` covering ``x``."""
-        s, z = qparams_from_range(*observed_range(x, group_args), group_args)
+        s, z = qparams_from_range(*group_range(x, group_args), group_args)
         cols = slice(first, first + s.shape[1])
         scale[:, cols] = s
         row_scale[cols] = s.float().repeat_interleave(rows, 0)[:N].t()
@@ -222,6 +239,21 @@ def _inverse_cholesky(H: torch.Tensor, config: GPTQConfig) -> tuple[torch.Tensor
         f"gptq: Hessian is not positive definite even with dampening {damp:g}; "
         "use more calibration samples or raise gptq's dampening/retries"
     )
+
+
+def weighted_search_range(W: torch.Tensor, importance: torch.Tensor, args: QuantArgs, config: GPTQConfig):
+    """Per-group range ``(xmin, xmax)`` of ``W`` (N x K): the clipping ratio of least
+    sum_k importance[k] * (w_k - q(w_k))^2 within each group (``observers.mse.search_ratio``)."""
+    block = args.block_size(W.shape)
+    blocks = to_blocks(W.float(), block)
+    weights = to_blocks(importance.float().expand_as(W), block)
+    grid = blocks.shape[:-1]
+    xmin, xmax = blocks.amin(-1).flatten(), blocks.amax(-1).flatten()
+    ratios = torch.linspace(1.0, config.search_min_ratio, config.search_steps, device=W.device)
+    search_args = args.with_(super_block=None, scale_format=None)  # the group's own grid
+    r = search_ratio(blocks.reshape(-1, blocks.shape[-1]), weights.reshape(-1, blocks.shape[-1]),
+                     xmin, xmax, ratios, search_args)
+    return (r * xmin).view(grid), (r * xmax).view(grid)
 
 
 def _group_args(args: QuantArgs, width: int) -> QuantArgs:
