@@ -221,3 +221,11 @@ def test_plan_mismatch_is_refused(tiny_llama, tokenizer, tmp_path):
     quantize_model(tiny_llama, Recipe(scheme="gguf:Q8_0", method="rtn"), progress=False)
     with pytest.raises(ExportError, match="llama.cpp's Q4_0 puts Q4_0 there"):
         export(tiny_llama, tokenizer, "gguf:Q4_0", tmp_path / "x.gguf", source_gguf=_source_gguf(tmp_path / "s.gguf"))
+
+
+def test_file_types_turn_on_gptq_scale_search_unless_told():
+    assert Recipe(scheme="gguf:Q4_0", method="gptq").method_options == {"gptq.scale_search": True}
+    assert Recipe(scheme="gguf:Q4_0", method="awq+gptq").to_dict()["stages"][1]["options"]["scale_search"]
+    assert Recipe(scheme="gguf:Q4_0", method="gptq", method_options={"scale_search": "false"}).method_options == {
+        "scale_search": False}
+    assert Recipe(scheme="q4_0", method="gptq").method_options == {}  # a grid alone changes nothing

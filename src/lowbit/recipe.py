@@ -42,7 +42,8 @@ class Recipe:
     file_type: str | None = None
     """A llama.cpp file type (``Q4_K_M``; ``--scheme gguf:Q4_K_M``): each linear gets the GGUF
     grid llama.cpp's rules give it, fallbacks included (``lowbit.export.gguf_types``), resolved
-    into ``overrides`` once the model is known (``with_file_type_plan``)."""
+    into ``overrides`` once the model is known (``with_file_type_plan``). GPTQ's
+    ``scale_search`` is on for file types unless the options set it."""
 
     def __post_init__(self):
         if isinstance(self.scheme, str) and self.scheme.strip().lower().startswith("gguf:"):
@@ -58,6 +59,11 @@ class Recipe:
                 raise ConfigError(f"gguf:{ft} is a float file type: export a float model with llama.cpp's converter")
             object.__setattr__(self, "file_type", ft)
             object.__setattr__(self, "scheme", parse_scheme(FILE_TYPES[ft]))
+            # llama.cpp chooses scales on these grids by an importance-weighted search; GPTQ
+            # does the same unless told otherwise (documented in docs/export/gguf.md)
+            if "gptq" in stage_names(self.method) and not any(
+                    k.rpartition(".")[2] == "scale_search" for k in self.method_options):
+                object.__setattr__(self, "method_options", {**self.method_options, "gptq.scale_search": True})
         object.__setattr__(self, "scheme", parse_scheme(self.scheme))
         object.__setattr__(self, "targets", _patterns(self.targets, "targets"))
         object.__setattr__(self, "ignore", _patterns(self.ignore, "ignore"))
