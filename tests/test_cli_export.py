@@ -110,3 +110,15 @@ def test_export_refusals_are_one_line(workspace):
     r = run("export", q, "--format", "onnx", "--out", root / "x")
     assert r.exit_code != 0 and "unknown export format" in r.output
     assert not (root / "x").exists()
+
+
+def test_export_a_float_model_as_gguf_f16(workspace):
+    root, model_dir, text = workspace
+    out = root / "float.gguf"
+    r = run("export", model_dir, "--format", "gguf:F16", "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["bits_per_weight"] == 16.0
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types == {"F16", "F32"}
+    r = run("export", model_dir, "--format", "gguf:Q4_0", "--out", root / "q.gguf")
+    assert r.exit_code != 0  # a float folder is not a lowbit folder: only float file types

@@ -176,8 +176,10 @@ def test_tiny_llama_round_trip_through_gguf(tiny_llama, tokenizer, tmp_path):
             assert torch.equal(got, ours)
     assert tensors["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0  # untied
-    # the file is lowbit's: --overwrite may replace it, and only it
+    # the file is lowbit's: --overwrite may replace it, and only it; the same model gives the same bytes
+    first = out.read_bytes()
     export(tiny_llama, tokenizer, "gguf:Q4_0", out, overwrite=True, source_gguf=tmp_path / "src.gguf")
+    assert out.read_bytes() == first
     with pytest.raises(LowbitError, match="not a GGUF file lowbit wrote"):
         export(tiny_llama, tokenizer, "gguf:Q4_0", tmp_path / "src.gguf", overwrite=True,
                source_gguf=tmp_path / "src.gguf")
@@ -229,3 +231,18 @@ def test_file_types_turn_on_gptq_scale_search_unless_told():
     assert Recipe(scheme="gguf:Q4_0", method="gptq", method_options={"scale_search": "false"}).method_options == {
         "scale_search": False}
     assert Recipe(scheme="q4_0", method="gptq").method_options == {}  # a grid alone changes nothing
+
+
+def test_float_gguf_of_a_float_model(tiny_llama, tokenizer, tmp_path):
+    out = tmp_path / "f16.gguf"
+    report = export(tiny_llama, tokenizer, "gguf:F16", out)
+    assert report.bits_per_weight == 16.0
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    k = tiny_llama.get_submodule("model.layers.1.self_attn.k_proj").weight
+    t = tensors["blk.1.attn_k.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.F16
+    expected = k.detach().index_select(0, rotary_permutation(k.shape[0], tiny_llama.config.num_key_value_heads))
+    assert torch.equal(torch.from_numpy(t.data.copy()).reshape(k.shape), expected.to(torch.float16))
+    assert tensors["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    with pytest.raises(ExportError, match="no quantized linears"):
+        export(tiny_llama, tokenizer, "gguf:Q4_0", tmp_path / "q.gguf")

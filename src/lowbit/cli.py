@@ -329,7 +329,8 @@ def _export(qmodel, tokenizer, target: str, out: Path, overwrite: bool, source_s
 @app.command("export")
 @friendly
 def export_(
-    folder: Path = typer.Argument(..., help="a quantized lowbit folder"),
+    folder: Path = typer.Argument(
+        ..., help="a quantized lowbit folder (for gguf:F32/F16/BF16: any float model: bundled name, folder, .gguf)"),
     export_format: str = typer.Option(
         ..., "--format", help="compressed-tensors (vLLM, transformers), gptq, awq, bitsandbytes, or "
         "gguf[:FILE_TYPE] (llama.cpp: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K_S/M/L, Q4_K_S/M, "
@@ -349,6 +350,15 @@ def export_(
 
     progress = _setup(quiet or as_json)
     exporter, variant = parse_target(export_format)
+    spec = str(folder)
+    if exporter.writes_float(variant) and not (folder.is_dir() and _is_lowbit(folder)):
+        from lowbit.models.load import load_model
+
+        check_output(out, overwrite=overwrite, sources=_source_paths(spec), kind=exporter.writes)
+        model, tokenizer = load_model(spec, check_finite=True)
+        report = _export(model, tokenizer, export_format, out, overwrite, spec, source, progress)
+        _print_export(report, as_json)
+        return
     check_output(out, overwrite=overwrite, sources=[folder], kind=exporter.writes)
     qmodel, tokenizer = io.load(folder)
     check_exportable(qmodel, exporter, variant)
@@ -361,11 +371,15 @@ def export_(
         except ValueError:
             origin = None
     report = _export(qmodel, tokenizer, export_format, out, overwrite, origin, source, progress)
+    _print_export(report, as_json)
+
+
+def _print_export(report, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
-    console.print(f"wrote {report.format} ({report.bits_per_weight:.3f} bits/weight over the quantized "
-                  f"linears, {len(report.fallbacks)} fallbacks) -> {report.out}", highlight=False, markup=False)
+    console.print(f"wrote {report.format} ({report.bits_per_weight:.3f} bits/weight in the linear weights as written, "
+                  f"{len(report.fallbacks)} fallbacks) -> {report.out}", highlight=False, markup=False)
 
 
 def _load_any(spec: str):

@@ -93,6 +93,10 @@ class Exporter:
     def supports(self, qweight: QuantizedTensor, variant: str | None) -> str | None:
         raise NotImplementedError
 
+    def writes_float(self, variant: str | None) -> bool:
+        """Whether this target writes a float model (no quantized linears needed)."""
+        return False
+
     def write(self, model: nn.Module, tokenizer, out: Path, variant: str | None) -> ExportReport:
         raise NotImplementedError
 
@@ -126,7 +130,7 @@ def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
 def check_exportable(model: nn.Module, exporter: Exporter, variant: str | None) -> None:
     """Every quantized linear must fit the format; one line naming the first that does not."""
     layers = quantized_linears(model)
-    if not layers:
+    if not layers and not exporter.writes_float(variant):
         raise ExportError("the model has no quantized linears: quantize it first with `lowbit quantize`")
 
     def reason(qweight) -> str | None:

@@ -95,7 +95,12 @@ class GGUFExporter(Exporter):
     def check_variant(self, variant):
         return None if variant is None else canonical_file_type(variant)
 
+    def writes_float(self, variant):
+        return variant in ("F32", "F16", "BF16")
+
     def supports(self, qweight, variant):
+        if self.writes_float(variant):
+            return f"gguf:{variant} is a float file; export the float model, not a quantized one"
         t = gguf_type_of(qweight)
         if t is None:
             hint = f"--scheme gguf:{variant}" if variant else "--scheme gguf:Q4_K_M (or q4_0, q8_0, iq4_nl, ...)"
@@ -170,12 +175,16 @@ class GGUFExporter(Exporter):
             choice = tensor_type(file_type, rule_role, i_layer, n_layers, t.shape[-1])
             if choice.type in PACKERS:
                 qt = quantize(_rotary_float(t, role, arch, config), parse_args(choice.type))
-                writer.add_tensor(gname, PACKERS[choice.type](qt).numpy(),
-                                  raw_dtype=gguf.GGMLQuantizationType[choice.type])
+                data = PACKERS[choice.type](qt)
+                writer.add_tensor(gname, data.numpy(), raw_dtype=gguf.GGMLQuantizationType[choice.type])
                 report.layers[gname] = f"{choice.type} (rounded to nearest at export)"
             else:
-                writer.add_tensor(gname, pack_float(_rotary_float(t, role, arch, config), choice.type).numpy())
+                data = pack_float(_rotary_float(t, role, arch, config), choice.type)
+                writer.add_tensor(gname, data.numpy())
                 report.layers[gname] = choice.type
+            if i_layer >= 0:  # a float decoder matrix (float file types)
+                q_bytes += data.numel() * data.element_size()
+                q_numel += t.numel()
         report.bits_per_weight = bits_per_weight(q_bytes, q_numel)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
