@@ -122,3 +122,16 @@ def test_export_a_float_model_as_gguf_f16(workspace):
     assert types == {"F16", "F32"}
     r = run("export", model_dir, "--format", "gguf:Q4_0", "--out", root / "q.gguf")
     assert r.exit_code != 0  # a float folder is not a lowbit folder: only float file types
+
+
+def test_gguf_without_a_type_takes_the_folders_file_type(workspace):
+    root, model_dir, text = workspace
+    q = root / "q4km"
+    assert run("quantize", model_dir, "--out", q, "--scheme", "gguf:Q4_K_M", "--quiet").exit_code == 0
+    out = root / "q4km.gguf"
+    r = run("export", q, "--format", "gguf", "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["format"] == "gguf:Q4_K_M" and report["fallbacks"]  # tiny rows: every k-quant falls back
+    fields = gguf.GGUFReader(str(out)).fields
+    assert fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)

@@ -278,6 +278,8 @@ def quantize(
     report.extra["lazy"] = lazy
     report.extra["low_memory"] = low_memory
     if export_format:
+        if export_format.strip().lower() == "gguf" and r.file_type:
+            export_format = f"gguf:{r.file_type}"
         path = Path(_export(qmodel, tokenizer, export_format, out, overwrite, model, None, progress).out)
     else:
         path = io.save(qmodel, out, tokenizer=tokenizer, recipe=report.recipe, report=report.to_dict(),
@@ -360,6 +362,11 @@ def export_(
         _print_export(report, as_json)
         return
     check_output(out, overwrite=overwrite, sources=[folder], kind=exporter.writes)
+    if exporter.name == "gguf" and variant is None:  # the file type the folder was quantized for
+        recipe = io.read_quantization_config(folder).get("recipe") or {}
+        if recipe.get("file_type"):
+            variant = recipe["file_type"]
+            export_format = f"gguf:{variant}"
     qmodel, tokenizer = io.load(folder)
     check_exportable(qmodel, exporter, variant)
     origin = None

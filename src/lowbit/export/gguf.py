@@ -41,7 +41,14 @@ from lowbit.export.base import (
 )
 from lowbit.export.gguf_blocks import PACKERS, pack_float, q1_offset_error
 from lowbit.export.gguf_header import write_llama_header
-from lowbit.export.gguf_types import FILE_TYPES, canonical_file_type, file_type_id, tensor_role, tensor_type
+from lowbit.export.gguf_types import (
+    FILE_TYPES,
+    TensorChoice,
+    canonical_file_type,
+    file_type_id,
+    tensor_role,
+    tensor_type,
+)
 from lowbit.outputs import GGUF_MARKER_KEY
 
 log = logging.getLogger(__name__)
@@ -149,7 +156,9 @@ class GGUFExporter(Exporter):
                 qt = _rotary(value, role, arch, config)
                 written = gguf_type_of(qt)
                 choice = tensor_type(file_type, role, i_layer, n_layers, qt.shape[-1])
-                if variant is not None and written != choice.type:
+                if variant is None:  # no file type asked: the grids as quantized
+                    choice = TensorChoice(written, written)
+                elif written != choice.type:
                     raise ExportError(
                         f"{hf_name} is quantized as {written}, but llama.cpp's {file_type} puts "
                         f"{choice.type} there; quantize with --scheme gguf:{file_type}")
@@ -209,11 +218,13 @@ def _rotary_float(t: torch.Tensor, role: str, arch: str, config) -> torch.Tensor
 
 
 def _dominant_type(layers) -> str:
-    """The file type named by the most common block type among the quantized linears."""
+    """The file type named by the most common block type among the quantized linears (a
+    k-quant names its _M mixture), for ``general.file_type`` and the embeddings' rule."""
     from collections import Counter
 
     counts = Counter(gguf_type_of(m.qweight) for m in layers.values())
-    return counts.most_common(1)[0][0]
+    block = counts.most_common(1)[0][0]
+    return {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}.get(block, block)
 
 
 def _arch_enum(arch: str):
