@@ -443,7 +443,8 @@ def _size_row(spec: str, model=None) -> tuple[float, float]:
 @app.command("eval")
 @friendly
 def eval_(
-    model: str = typer.Argument(..., help="a quantized lowbit folder (or any model spec)"),
+    model: list[str] = typer.Argument(..., help="one or more quantized models: lowbit, compressed-tensors, "
+                                      "GPTQ, AWQ or bitsandbytes folders, .gguf files (or any model spec)"),
     baseline: str = typer.Option(..., help="the original model (bundled name, folder, .gguf or hub id)"),
     source: str = typer.Option(defaults.EVAL_SOURCE, help="evaluation text (its evaluation split)"),
     tokens: int = typer.Option(defaults.EVAL_TOKENS, help="evaluation tokens (whole windows)"),
@@ -451,16 +452,17 @@ def eval_(
     stride: int | None = typer.Option(
         None, help="window stride (default: the window; smaller scores with extra context)"),
     runtime: str = typer.Option(
-        "torch", help="torch (dequantized weights), or llama.cpp for a .gguf MODEL: also score the file as "
-        "llama.cpp runs it (top-10 KL and top-1 agreement, needs the xllamacpp wheel)"),
+        "torch", help="torch (dequantized weights), or llama.cpp: also score each .gguf file as llama.cpp runs "
+        "it (top-10 KL and top-1 agreement, needs the xllamacpp wheel)"),
     quiet: bool = typer.Option(False, help="no progress bars or info logs"),
     as_json: bool = typer.Option(False, "--json", help="print the same content as JSON"),
 ):
-    """Measure MODEL against --baseline: size, bits/weight, perplexity, KL divergence, top-1.
+    """Measure each MODEL against --baseline on the same tokens: size, bits/weight, perplexity,
+    KL divergence, top-1, in one table.
 
-    MODEL may be a lowbit folder, a compressed-tensors, GPTQ, AWQ or bitsandbytes folder (read
-    into lowbit with the same codes), a .gguf file of any type (its dequantized weights), or a
-    float model."""
+    A MODEL may be a lowbit folder, a compressed-tensors, GPTQ, AWQ or bitsandbytes folder (read
+    into lowbit with the same codes, whoever wrote it), a .gguf file of any type (its dequantized
+    weights), or a float model."""
     from lowbit.data.calibration import evaluation_tokens
     from lowbit.data.text import documents
     from lowbit.eval.metrics import check_window, compare_models, config_differences
@@ -471,39 +473,44 @@ def eval_(
         raise ConfigError(f"--tokens must be at least 2, got {tokens}")
     if runtime not in ("torch", "llama.cpp"):
         raise ConfigError(f"--runtime must be torch or llama.cpp, got {runtime!r}")
-    if runtime == "llama.cpp" and not model.lower().endswith(".gguf"):
-        raise ConfigError("--runtime llama.cpp scores a .gguf file; export one with `lowbit export --format gguf`")
+    if runtime == "llama.cpp" and not any(m.lower().endswith(".gguf") for m in model):
+        raise ConfigError("--runtime llama.cpp scores .gguf files; export one with `lowbit export --format gguf`")
     documents(source, "evaluation")  # an unreadable text fails before the models load
-    qmodel, tokenizer = _load_any(model)
-    ref, _ = _load_any(baseline)
-    differences = config_differences(qmodel, ref)
-    if differences:
-        err_console.print(
-            f"warning: {model} and {baseline} differ in architecture ({'; '.join(differences[:4])}): "
-            "the baseline is not the model it was quantized from, so the scores compare unrelated models",
-            highlight=False, markup=False, soft_wrap=True,
-        )
-    ids = evaluation_tokens(tokenizer, source=source, max_tokens=tokens)
-    r = compare_models(qmodel, ref, ids, window=window, stride=stride, progress=progress)
-    q_mb, q_bits = _size_row(model, qmodel)
+    ref, ref_tokenizer = _load_any(baseline)
+    ids = evaluation_tokens(ref_tokenizer, source=source, max_tokens=tokens)
     b_mb, _ = _size_row(baseline)
-    rows = [
-        {"model": baseline, "size_mb": round(b_mb, 2), "bits_per_weight": None,
-         "perplexity": round(r.reference_perplexity, 4), "ppl_change_pct": 0.0,
-         "mean_kl": 0.0, "p99_kl": 0.0, "top1_agreement": 1.0},
-        {"model": model, "size_mb": round(q_mb, 2), "bits_per_weight": round(q_bits, 3),
-         "perplexity": round(r.perplexity, 4), "ppl_change_pct": round(r.perplexity_change_pct, 3),
-         "mean_kl": round(r.mean_kl, 5), "p99_kl": round(r.p99_kl, 5),
-         "top1_agreement": round(r.top1_agreement, 4)},
-    ]
-    result = {"tokens_scored": r.num_scored, "window": r.window, "stride": r.stride, "source": source, "rows": rows}
-    if runtime == "llama.cpp":
-        from lowbit.eval.llamacpp import compare_with_llamacpp, llamacpp_server, model_logprobs
+    rows, cpp_rows = [], []
+    for spec in model:
+        qmodel, _ = _load_any(spec)
+        differences = config_differences(qmodel, ref)
+        if differences:
+            err_console.print(
+                f"warning: {spec} and {baseline} differ in architecture ({'; '.join(differences[:4])}): "
+                "the baseline is not the model it was quantized from, so the scores compare unrelated models",
+                highlight=False, markup=False, soft_wrap=True,
+            )
+        r = compare_models(qmodel, ref, ids, window=window, stride=stride, progress=progress)
+        q_mb, q_bits = _size_row(spec, qmodel)
+        if not rows:
+            rows.append({"model": baseline, "size_mb": round(b_mb, 2), "bits_per_weight": None,
+                         "perplexity": round(r.reference_perplexity, 4), "ppl_change_pct": 0.0,
+                         "mean_kl": 0.0, "p99_kl": 0.0, "top1_agreement": 1.0})
+        rows.append({"model": spec, "size_mb": round(q_mb, 2), "bits_per_weight": round(q_bits, 3),
+                     "perplexity": round(r.perplexity, 4), "ppl_change_pct": round(r.perplexity_change_pct, 3),
+                     "mean_kl": round(r.mean_kl, 5), "p99_kl": round(r.p99_kl, 5),
+                     "top1_agreement": round(r.top1_agreement, 4)})
+        del qmodel
+        if runtime == "llama.cpp" and spec.lower().endswith(".gguf"):
+            from lowbit.eval.llamacpp import compare_with_llamacpp, llamacpp_server, model_logprobs
 
-        first = ids.flatten()[: min(window, r.num_scored + 1)].tolist()
-        with llamacpp_server(model, n_ctx=max(512, len(first) + 8)) as server:
-            cpp = compare_with_llamacpp(server, model_logprobs(ref, first), first)
-        result["llama_cpp"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in cpp.to_dict().items()}
+            first = ids.flatten()[: min(window, r.num_scored + 1)].tolist()
+            with llamacpp_server(spec, n_ctx=max(512, len(first) + 8)) as server:
+                cpp = compare_with_llamacpp(server, model_logprobs(ref, first), first)
+            cpp_rows.append({"model": spec, **{k: round(v, 5) if isinstance(v, float) else v
+                                              for k, v in cpp.to_dict().items()}})
+    result = {"tokens_scored": r.num_scored, "window": r.window, "stride": r.stride, "source": source, "rows": rows}
+    if cpp_rows:
+        result["llama_cpp"] = cpp_rows
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -518,12 +525,11 @@ def eval_(
             f"{row['p99_kl']:.4f}", f"{row['top1_agreement']:.3f}",
         )
     console.print(table)
-    if "llama_cpp" in result:
-        c = result["llama_cpp"]
+    for c in cpp_rows:
         console.print(
-            f"llama.cpp running {model} on the first {c['positions']} positions: top-{c['k']} KL against the "
-            f"baseline {c['top_k_kl']:.4f}, top-1 agreement {c['top1_agreement']:.3f} (restricted to llama.cpp's "
-            f"top {c['k']} tokens; compare with the dequantized weights' mean KL above)",
+            f"llama.cpp running {c['model']} on the first {c['positions']} positions: top-{c['k']} KL against "
+            f"the baseline {c['top_k_kl']:.4f}, top-1 agreement {c['top1_agreement']:.3f} (restricted to "
+            f"llama.cpp's top {c['k']} tokens; compare with the dequantized weights' mean KL above)",
             highlight=False, markup=False, soft_wrap=True)
 
 
