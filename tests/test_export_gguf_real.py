@@ -70,7 +70,10 @@ def _check(name, file_type, sources, references, tmp_path):
           f"top-10 KL vs same codes {same.top_k_kl:.4f} (top-1 {same.top1_agreement:.3f}), "
           f"vs float {vs_float.top_k_kl:.4f}, llama.cpp's runtime error {runtime:.4f}; answer {answer!r}")
     assert same.top_k_kl < 1.5 * runtime + 0.002 and same.top1_agreement >= 0.9
-    if file_type != "Q8_0":  # 8 bits is within the runtime error of the float model itself
+    # Where quantizing moved the model well beyond llama.cpp's runtime noise, the file must be far
+    # closer to lowbit's codes than to the float model (not so for Q8_0, nor for Q4_1 on
+    # SmolLM2, whose float weights already lie on the Q4_1 grid)
+    if vs_float.top_k_kl > 4 * runtime:
         assert same.top_k_kl < vs_float.top_k_kl / 2
     assert answer.strip()
     # gguf-py reads lowbit's exact weights back (Q4_1's float16 offset aside)
