@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 xllamacpp = pytest.importorskip("xllamacpp")
 
 SMOL_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "IQ4_NL", "Q4_K_M", "Q2_K"]
-GEMMA_TYPES = ["Q8_0", "Q4_0", "IQ4_NL", "Q4_K_M"]
+GEMMA_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "IQ4_NL", "Q4_K_M"]
 
 
 @pytest.fixture(scope="module")
