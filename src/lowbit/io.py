@@ -81,19 +81,7 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, recipe=None, report:
 
 
 def _write(model, folder: Path, tokenizer, recipe, report) -> None:
-    tensors = _unique_state(model)
-    shards = _shards(tensors)
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(folder / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_safetensors(folder, _unique_state(model))
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(model, recipe)
     config["quantization_config"]["files"] = {
@@ -138,6 +126,23 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(key)
         out[name] = t.detach().contiguous()
     return out
+
+
+def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``model.safetensors``, or shards of at most MAX_SHARD_BYTES with the index transformers
+    reads (``model.safetensors.index.json``)."""
+    shards = _shards(tensors)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _shards(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

@@ -214,31 +214,10 @@ def write_hf_folder(folder: Path, model: nn.Module, tokenizer, tensors: dict[str
                     quantization_config: dict | None) -> list[str]:
     """config.json (with ``quantization_config``), model.safetensors (sharded above 4 GiB),
     generation config and tokenizer files; returns the file names written."""
-    from safetensors.torch import save_file
-
-    from lowbit.io import MAX_SHARD_BYTES
+    from lowbit.io import write_safetensors
 
     folder.mkdir(parents=True, exist_ok=True)
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > MAX_SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(folder / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_safetensors(folder, tensors)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     if quantization_config is not None:
