@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -34,7 +33,15 @@ from lowbit.core.args import QuantArgs
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.errors import ConfigError, ModelLoadError, OutputError
 from lowbit.nn.linear import ACTIVATION_FIELDS, QuantizedLinear
-from lowbit.outputs import PARTIAL_MARKER, check_output, describe_os_error, replace_folder, sweep_stale, temp_folder
+from lowbit.outputs import (
+    PARTIAL_MARKER,
+    check_output,
+    describe_os_error,
+    fsync_files,
+    replace_folder,
+    sweep_stale,
+    temp_folder,
+)
 
 FORMAT_NAME = "lowbit"
 FORMAT_VERSION = 2
@@ -95,9 +102,7 @@ def _write(model, folder: Path, tokenizer, recipe, report) -> None:
         tokenizer.save_pretrained(folder)
     if report is not None:
         (folder / "lowbit_report.json").write_text(json.dumps(report, indent=2))
-    for f in folder.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    fsync_files(folder)
 
 
 def file_digest(file: Path) -> dict:

@@ -279,3 +279,11 @@ def replace_folder(tmp: Path, out: Path) -> None:
     finally:  # also when a held-back signal is delivered at the end of the block
         if old is not None and old.exists():
             shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_files(folder: Path) -> None:
+    """Flush every file directly in ``folder`` to disk (before the final rename)."""
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())

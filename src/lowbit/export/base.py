@@ -40,6 +40,7 @@ from lowbit.outputs import (
     PARTIAL_MARKER,
     check_output,
     describe_os_error,
+    fsync_files,
     replace_folder,
     signals_deferred,
     sweep_stale,
@@ -168,10 +169,10 @@ def export(model: nn.Module, tokenizer, target: str, out: str | os.PathLike, *, 
         if exporter.writes == "folder":
             (tmp / EXPORT_MARKER).write_text(json.dumps(report.to_dict(), indent=2))
             (tmp / PARTIAL_MARKER).unlink()
-            _fsync_all(tmp)
+            fsync_files(tmp)
             replace_folder(tmp, out)
         else:
-            _fsync_all(tmp)
+            fsync_files(tmp)
             with signals_deferred():
                 os.replace(target_path, out)
     except OSError as err:
@@ -180,13 +181,6 @@ def export(model: nn.Module, tokenizer, target: str, out: str | os.PathLike, *, 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return report
-
-
-def _fsync_all(folder: Path) -> None:
-    for f in folder.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 # -- helpers for formats written as Hugging Face folders -------------------------------------
