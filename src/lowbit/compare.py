@@ -27,6 +27,9 @@ from lowbit.recipe import Recipe
 
 REPORT_FILE = "lowbit_report.json"
 """The quantization report ``io.save`` writes into each output folder."""
+COMPARE_FILE = "compare.json"
+"""What ``compare_methods`` writes into a ``keep`` folder: ``compare_result`` of its rows, the
+input of ``lowbit report``."""
 
 
 @dataclass
@@ -65,8 +68,9 @@ def compare_methods(
 
     calibration: shared by every calibrated method (default ``CalibrationSpec()``).
     source, tokens, window: the evaluation text, how many of its tokens, and the window.
-    keep: a folder to keep the quantized models in (``<scheme>-<method>`` each); otherwise they
-    go to a temporary folder, removed at the end, on error and on interrupt.
+    keep: a folder to keep the quantized models in (``<scheme>-<method>`` each), with the result
+    in ``compare.json`` (``compare_result``); otherwise they go to a temporary folder, removed at
+    the end, on error and on interrupt.
     Returns the rows, in the order schemes x methods, and what they share (``model``,
     ``baseline_perplexity``, ``tokens_scored``, ...).
     """
@@ -112,7 +116,14 @@ def compare_methods(
         "tokens_scored": fidelity.num_scored, "window": fidelity.window, "source": source,
         "calibration": calibration.to_dict(), "outputs": None if keep is None else str(keep),
     }
+    if keep is not None:
+        (Path(keep) / COMPARE_FILE).write_text(json.dumps(compare_result(rows, meta), indent=2))
     return rows, meta
+
+
+def compare_result(rows: list[CompareRow], meta: dict) -> dict:
+    """The JSON object of a comparison (``lowbit compare --json``, ``compare.json``)."""
+    return {"kind": "compare", **meta, "rows": rows_to_dicts(rows)}
 
 
 def quantize_run(model: str, recipe: dict, calibration: dict, out: str, progress: bool) -> dict:
