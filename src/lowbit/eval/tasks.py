@@ -33,6 +33,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from lowbit import defaults
 from lowbit.errors import ConfigError
 from lowbit.eval import task_data
 from lowbit.eval.loglik import loglikelihoods
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 PROMPT_VERSION = 1
 """Bumped whenever a prompt format changes, so that cached results are not reused across it."""
 
-DEFAULT_SEED = 1234
+DEFAULT_SEED = defaults.TASK_SEED
 
 
 @dataclass(frozen=True)
@@ -156,26 +157,24 @@ def _mmlu(shots: int, seed: int, data_dir) -> list[Item]:
     return items
 
 
-def _ceval(shots: int, seed: int, data_dir) -> list[Item]:
-    names = task_data.chinese_subject_names("ceval", data_dir)
-    items = []
-    for subject in task_data.chinese_subjects("ceval", data_dir):
-        topic = names.get(subject, _subject_words(subject))
-        description = f"以下是中国关于{topic}的单项选择题，请选出其中的正确答案。\n\n"
-        items += _lettered_items("ceval", task_data.ceval("val", subject, data_dir),
-                                 task_data.ceval("dev", subject, data_dir), shots, description, "答案：")
-    return items
+def _chinese(name: str, scored: str, header: str) -> Callable[..., list[Item]]:
+    """C-Eval / CMMLU: ``header`` names the subject in Chinese (``{topic}``)."""
+    read = getattr(task_data, name)
+
+    def build(shots: int, seed: int, data_dir) -> list[Item]:
+        names = task_data.chinese_subject_names(name, data_dir)
+        items = []
+        for subject in task_data.chinese_subjects(name, data_dir):
+            description = header.format(topic=names.get(subject, _subject_words(subject)))
+            items += _lettered_items(name, read(scored, subject, data_dir), read("dev", subject, data_dir), shots,
+                                     description, "答案：")
+        return items
+
+    return build
 
 
-def _cmmlu(shots: int, seed: int, data_dir) -> list[Item]:
-    names = task_data.chinese_subject_names("cmmlu", data_dir)
-    items = []
-    for subject in task_data.chinese_subjects("cmmlu", data_dir):
-        topic = names.get(subject, _subject_words(subject))
-        description = f"以下是关于{topic}的单项选择题，请直接给出正确答案的选项。\n\n"
-        items += _lettered_items("cmmlu", task_data.cmmlu("test", subject, data_dir),
-                                 task_data.cmmlu("dev", subject, data_dir), shots, description, "答案：")
-    return items
+_ceval = _chinese("ceval", "val", "以下是中国关于{topic}的单项选择题，请选出其中的正确答案。\n\n")
+_cmmlu = _chinese("cmmlu", "test", "以下是关于{topic}的单项选择题，请直接给出正确答案的选项。\n\n")
 
 
 def _draw_shots(task: str, item_id: str, pool: Sequence, shots: int, seed: int) -> list:
