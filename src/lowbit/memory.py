@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,26 @@ def peak_rss_mb() -> float:
     VmHWM exists: Linux carries it across fork and exec, so a child started by a large parent
     would report the parent's size.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        pass
+    hwm = _status_mb("VmHWM")
+    if not math.isnan(hwm):
+        return hwm
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB on Linux
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (VmRSS) in MB; NaN where /proc is not there."""
+    return _status_mb("VmRSS")
+
+
+def _status_mb(key: str) -> float:
+    """A memory line of /proc/self/status (kB) in MB (1e6 bytes); NaN when absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return math.nan

@@ -33,6 +33,7 @@ import torch
 from lowbit import defaults
 from lowbit.compare import REPORT_FILE, run_in_process
 from lowbit.errors import ConfigError
+from lowbit.memory import resident_mb
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +138,6 @@ def median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def resident_mb() -> float:
-    """This process's resident memory now (VmRSS) in MB; NaN where /proc is not there."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        pass
-    return math.nan
 
 
 def prompt_tokens(tokenizer, settings: BenchSettings) -> torch.Tensor:
